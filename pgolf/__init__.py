@@ -1,0 +1,3 @@
+"""pgolf: a tested, modular toolkit for Parameter Golf."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,260 @@
+"""The one typed configuration tree of a pgolf run.
+
+Every knob of a run lives in a dataclass below; named recipes (pgolf/recipes.py) are plain functions that
+build a RunConfig. Overrides come as "section.field=value" strings and are checked against the tree: an
+unknown key is an error that lists the valid ones. Environment variables appear only in the exported
+submission script, never here.
+"""
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from pgolf.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration key or value that does not fit the tree."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/wiki-sp1024"  # folder with fineweb_train_*.bin / fineweb_val_*.bin
+    tokenizer: str = ""  # SentencePiece .model; "" = the single *.model file inside `path`
+    train_pattern: str = "fineweb_train_*.bin"
+    val_pattern: str = "fineweb_val_*.bin"
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4  # GQA: num_heads must be a multiple
+    mlp_mult: float = 2.0  # hidden = mlp_mult * model_dim
+    mlp_slope: float = 0.0  # MLP activation LeakyReLU(slope)^2; 0.0 is relu^2
+    rope_base: float = 10000.0
+    rope_dims: int = 0  # partial RoPE: rotate only the first rope_dims of each head; 0 = whole head
+    qk_gain_init: float = 1.5  # per-head learnable gain on q after QK RMSNorm
+    logit_softcap: float = 30.0  # softcap * tanh(logits / softcap); 0 = off
+    tie_embeddings: bool = True
+    tied_embed_init_std: float = 0.005
+    xsa_last_n: int = 0  # exclusive self-attention on the last N layers
+    ln_scale: bool = False  # scale each block's normed input by 1/sqrt(layer+1)
+    smear_gate: bool = False  # blend each position with the previous token's embedding (BOS-masked)
+    bigram_buckets: int = 0  # BigramHash table size; 0 = off
+    bigram_dim: int = 128
+    ve_last_n: int = 0  # value embeddings added to v in the last N layers; 0 = off
+    ve_dim: int = 128
+    unet_skips: bool = True  # encoder half pushes skips, decoder half pops them
+    skip_gates: bool = False  # sigmoid-gated skip merge instead of additive
+    recur_first: int = -1  # depth recurrence: first physical layer of the looped span; -1 = off
+    recur_last: int = -1  # last physical layer of the looped span (inclusive)
+    recur_loops: int = 0  # extra passes over the span
+    recur_start_frac: float = 0.0  # training time fraction at which looping switches on
+    parallel_resid_from: int = -1  # parallel attention+MLP residual from this layer on; -1 = off
+    ortho_init: bool = False  # orthogonal init of the block matrices
+    attention: str = "auto"  # auto | fa3 | cudnn | flash | efficient | math
+
+
+@dataclass
+class OptimConfig:
+    matrix_lr: float = 0.04  # Muon, block matrices
+    scalar_lr: float = 0.04  # AdamW, gains / scales / gates
+    embed_lr: float = 0.6  # AdamW, untied input embedding
+    tied_embed_lr: float = 0.05  # AdamW, tied embedding
+    head_lr: float = 0.008  # AdamW, untied head
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_ns_steps: int = 5
+    muon_wd: float = 0.0  # decoupled: p *= 1 - lr * wd
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    adam_wd: float = 0.0
+    grad_clip: float = 0.0  # global norm; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 1024
+    batch_tokens: int = 524_288  # global batch per optimizer step, independent of the GPU count
+    grad_accum: int = 1  # micro-steps per optimizer step on each rank
+    wallclock_s: float = 600.0  # timed training budget (calibration reserve included); 0 = no cap
+    max_steps: int = 20_000
+    warmdown_iters: int = 1200  # LR decays linearly to 0 over the last warmdown_iters * avg step time
+    warmdown_frac: float = 0.0  # if > 0: warm down over this fraction of the wallclock instead
+    compile_warmup_steps: int = 20  # untimed steps that prime compile; model, optimizer, data then reset
+    compile: bool = True
+    ema_decay: float = 0.0  # 0 = off; else the EMA weights are the ones evaluated and exported
+    swa_every: int = 0  # 0 = off; average every N steps once the LR scale is below swa_start_scale
+    swa_start_scale: float = 0.2
+    qat_start_scale: float = 0.0  # 0 = off; fake-quant on once the LR scale drops below this
+    calib_reserve_s: float = 0.0  # seconds kept inside the wallclock for GPTQ Hessians; measured
+    val_every: int = 0  # 0 = validate only at the end
+    log_every: int = 50
+    seed: int = 1337
+    checkpoint_every_s: float = 0.0  # 0 = no periodic checkpoints
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class QuantConfig:
+    enabled: bool = True
+    method: str = "gptq"  # gptq | rtn
+    matrix_bits: int = 6  # attention and MLP matrices
+    embed_bits: int = 8  # token embedding and other large tensors
+    clip: str = "sdclip"  # sdclip | search | percentile | none
+    sdclip_k: float = 12.85  # row clip = k * std(row), matrices
+    sdclip_k_embed: float = 20.0
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    block_size: int = 128
+    act_order: bool = True
+    calib_batches: int = 64  # training batches (per rank) for the Hessians
+    passthrough_numel: int = 65_536  # tensors this small are stored as fp16
+    codec: str = "auto"  # auto | zlib | lzma | zstd | brotli (auto = smallest)
+    size_cap: int = 16_000_000  # decimal bytes, code + artifact
+    fit_to_budget: bool = True
+
+
+@dataclass
+class EvalConfig:
+    seq_len: int = 0  # 0 = train.seq_len
+    batch_seqs: int = 32
+    sliding_stride: int = 64  # 0 = no sliding-window pass
+    ttt: bool = False  # score-first test-time training
+    ttt_mode: str = "sgd"  # sgd (all weights) | lora
+    ttt_chunk_tokens: int = 32_768
+    ttt_epochs: int = 3
+    ttt_lr: float = 0.002
+    ttt_momentum: float = 0.9
+    ttt_batch_seqs: int = 32
+    ttt_grad_clip: float = 1.0
+    ttt_lora_rank: int = 8
+    ttt_time_limit_s: float = 0.0  # 0 = none; past it the remaining chunks are scored without adapting
+    time_budget_s: float = 600.0
+
+
+@dataclass
+class RunConfig:
+    recipe: str = ""
+    name: str = ""  # run directory name; "" = recipe + timestamp
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Fields that name a run or where it goes; they do not change what is computed.
+BOOKKEEPING_KEYS = ("name", "out_dir", "recipe")
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict, cls=RunConfig):
+    """Build a config from a (possibly partial) dict; unknown keys raise ConfigError."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {cls.__name__}; valid: {sorted(known)}")
+    defaults = cls()
+    kwargs = {}
+    for name, value in d.items():
+        default = getattr(defaults, name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = config_from_dict(value, type(default))
+        else:
+            kwargs[name] = coerce_value(f"{cls.__name__}.{name}", value, type(default))
+    return cls(**kwargs)
+
+
+def coerce_value(key: str, value, typ):
+    """Convert a string or JSON value to the field's type, or raise ConfigError naming the key."""
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    text = str(value).strip()
+    try:
+        if typ is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(text.replace("_", ""))
+        if typ is float:
+            return float(text.replace("_", ""))
+        if typ is str:
+            return text
+    except ValueError:
+        pass
+    raise ConfigError(f"{key}: cannot read {value!r} as {typ.__name__}")
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply "section.field=value" overrides in place and return cfg."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        target = cfg
+        for i, part in enumerate(parts):
+            names = [f.name for f in dataclasses.fields(target)]
+            if part not in names:
+                where = ".".join(parts[:i]) or "the run config"
+                raise ConfigError(f"unknown key {key!r}: {part!r} is not in {where}; valid: {names}")
+            if i < len(parts) - 1:
+                target = getattr(target, part)
+                if not dataclasses.is_dataclass(target):
+                    raise ConfigError(f"unknown key {key!r}: {'.'.join(parts[:i + 1])} has no fields")
+        current = getattr(target, parts[-1])
+        if dataclasses.is_dataclass(current):
+            raise ConfigError(f"override {key!r} names a section; name one of its fields")
+        setattr(target, parts[-1], coerce_value(key, value, type(current)))
+    validate_config(cfg)
+    return cfg
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """A short stable hash of what the run computes (bookkeeping keys left out)."""
+    d = config_to_dict(cfg)
+    for k in BOOKKEEPING_KEYS:
+        d.pop(k, None)
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Cross-field checks that a single field's type cannot express."""
+    m, t, q, e = cfg.model, cfg.train, cfg.quant, cfg.eval
+    checks = [
+        (m.num_heads % m.num_kv_heads == 0, "model.num_heads must be a multiple of model.num_kv_heads"),
+        (m.model_dim % m.num_heads == 0, "model.model_dim must be a multiple of model.num_heads"),
+        (0.0 <= m.mlp_slope <= 1.0, f"model.mlp_slope={m.mlp_slope} must be in [0, 1]"),
+        (m.rope_dims % 2 == 0 and m.rope_dims <= m.model_dim // m.num_heads,
+         f"model.rope_dims={m.rope_dims} must be even and at most the head dim"),
+        (0 <= m.xsa_last_n <= m.num_layers, f"model.xsa_last_n={m.xsa_last_n} exceeds num_layers"),
+        (0 <= m.ve_last_n <= m.num_layers, f"model.ve_last_n={m.ve_last_n} exceeds num_layers"),
+        (m.recur_loops == 0 or 0 <= m.recur_first <= m.recur_last < m.num_layers,
+         "model.recur_first..recur_last must be a span of layers when recur_loops > 0"),
+        (m.attention in ("auto", "fa3", "cudnn", "flash", "efficient", "math"),
+         f"model.attention={m.attention!r} is not one of auto|fa3|cudnn|flash|efficient|math"),
+        (t.batch_tokens % t.seq_len == 0, "train.batch_tokens must be a multiple of train.seq_len"),
+        (q.method in ("gptq", "rtn"), f"quant.method={q.method!r} is not gptq|rtn"),
+        (q.clip in ("sdclip", "search", "percentile", "none"), f"quant.clip={q.clip!r} is unknown"),
+        (5 <= q.matrix_bits <= 8 and 5 <= q.embed_bits <= 8, "quant bits must be in 5..8"),
+        (e.ttt_mode in ("sgd", "lora"), f"eval.ttt_mode={e.ttt_mode!r} is not sgd|lora"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
