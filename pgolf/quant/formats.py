@@ -1,0 +1,54 @@
+"""Per-row symmetric integer formats, shared by export quantization and QAT.
+
+A row r of a matrix W is stored as integers q[r, :] in [-qmax, qmax] (qmax = 2^(bits-1) - 1) and one fp16
+scale s[r]; it reads back as q * s. The scale comes from a row clip c[r] as s = c / qmax. QAT's fake
+quantizer calls exactly the same functions, so what training sees is what export writes.
+"""
+
+import torch
+
+
+def qmax_for_bits(bits: int) -> int:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits} is outside 2..8")
+    return (1 << (bits - 1)) - 1
+
+
+def row_clip_sdclip(w: torch.Tensor, k: float) -> torch.Tensor:
+    """SDClip: each row's clip is k standard deviations of the row (fp32), never above the row's max |w|."""
+    w = w.float()
+    std = w.std(dim=1, unbiased=False)
+    return torch.minimum(k * std, w.abs().amax(dim=1))
+
+
+def row_clip_percentile(w: torch.Tensor, q: float = 0.9999984) -> torch.Tensor:
+    """The naive baseline's clip: the q-quantile of |w| per row."""
+    return torch.quantile(w.float().abs(), q, dim=1)
+
+
+def row_scales(clip: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp16 per-row scales from row clips; a zero row gets the smallest positive step so it reads back as 0."""
+    qmax = qmax_for_bits(bits)
+    scale = (clip.float() / qmax).clamp_min(1.0 / (qmax * 1024))
+    return scale.to(torch.float16)
+
+
+def quantize_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round W / s to the nearest integer in [-qmax, qmax] (int8). `scale` is the stored fp16 scale."""
+    qmax = qmax_for_bits(bits)
+    s = scale.float().unsqueeze(1)
+    return torch.clamp(torch.round(w.float() / s), -qmax, qmax).to(torch.int8)
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float().unsqueeze(1)
+
+
+def fake_quantize_rows(w: torch.Tensor, bits: int, clip_k: float) -> torch.Tensor:
+    """What export gives for W under round-to-nearest with SDClip scales: dequantize(quantize(W)).
+
+    Used by QAT through a straight-through estimator; equal, element for element, to the export path's
+    round-to-nearest result with the same bits and k.
+    """
+    scale = row_scales(row_clip_sdclip(w.detach(), clip_k), bits)
+    return dequantize_rows(quantize_rows(w, scale, bits), scale).to(w.dtype)
