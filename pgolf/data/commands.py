@@ -1,0 +1,101 @@
+"""`pgolf data ...`: verify shards, download FineWeb, build shards from JSONL, train a tokenizer, stdlib corpus."""
+
+from pathlib import Path
+
+from pgolf.errors import UserError
+
+
+def add_data_commands(subparsers) -> None:
+    data = subparsers.add_parser("data", help="datasets: verify, download, build shards, train tokenizers")
+    sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+
+    p = sub.add_parser("verify", help="check shard files (header, size, token ids) and print their sha256")
+    p.add_argument("paths", nargs="+", metavar="FILE|DIR", help="shard files or folders of *.bin shards")
+    p.add_argument("--vocab-size", type=int, default=None, help="fail if a token id is >= this")
+    p.set_defaults(func=cmd_data_verify)
+
+    p = sub.add_parser("fineweb", help="download the challenge's FineWeb shards + tokenizer from the HF hub")
+    p.add_argument("--variant", choices=["sp1024", "sp8192"], default="sp1024")
+    p.add_argument("--train-shards", type=int, default=1, help="number of training shards (100M tokens each)")
+    p.add_argument("--out", default="data/fineweb", help="output folder (datasets/ and tokenizers/ inside)")
+    p.set_defaults(func=cmd_data_fineweb)
+
+    p = sub.add_parser("build", help="tokenize JSONL documents into val/train shards")
+    p.add_argument("--docs", nargs="+", required=True, help="JSONL files (.jsonl, .xz, .gz, .zst), in order")
+    p.add_argument("--tokenizer", required=True, help="SentencePiece .model")
+    p.add_argument("--val-docs", type=int, required=True, help="the first N documents are the validation split")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count)")
+    p.set_defaults(func=cmd_data_build)
+
+    p = sub.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer (challenge settings)")
+    p.add_argument("--docs", nargs="+", required=True, help="JSONL files (.jsonl, .xz, .gz, .zst)")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
+    p.add_argument("--out", required=True, help="output .model path")
+    p.set_defaults(func=cmd_data_tokenizer)
+
+    p = sub.add_parser("stdlib-corpus", help="write a JSONL corpus of the Python standard library's docs")
+    p.add_argument("--out", required=True, help="output .jsonl path")
+    p.add_argument("--max-bytes", type=int, default=None)
+    p.set_defaults(func=cmd_data_stdlib_corpus)
+
+
+def _verify_targets(paths) -> list[Path]:
+    files = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(path.glob("*.bin"))
+            if not found:
+                raise UserError(f"{path}: no *.bin shard in this folder")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def cmd_data_verify(args) -> int:
+    from pgolf.data.build import shard_file_sha256
+    from pgolf.data.shards import read_shard
+
+    total = 0
+    for path in _verify_targets(args.paths):
+        tokens = read_shard(path, args.vocab_size)
+        total += tokens.size
+        print(f"{path.name}  {tokens.size:>12,} tokens  sha256 {shard_file_sha256(path)}")
+    print(f"ok: {total:,} tokens")
+    return 0
+
+
+def cmd_data_fineweb(args) -> int:
+    from pgolf.data.fineweb import download_fineweb
+
+    paths = download_fineweb(args.variant, args.train_shards, args.out)
+    print(f"ok: {len(paths)} files under {args.out}")
+    return 0
+
+
+def cmd_data_build(args) -> int:
+    from pgolf.data.build import build_split_shards
+
+    manifest = build_split_shards(args.docs, args.tokenizer, args.val_docs, args.out, workers=args.workers)
+    for f in manifest["files"]:
+        print(f"{f['name']}  {f['tokens']:>12,} tokens  sha256 {f['sha256']}")
+    return 0
+
+
+def cmd_data_tokenizer(args) -> int:
+    from pgolf.data.tokenizer import train_tokenizer_from_docs
+
+    out = train_tokenizer_from_docs(args.docs, args.vocab_size, args.out, max_docs=args.max_docs)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_data_stdlib_corpus(args) -> int:
+    from pgolf.data.stdlib_corpus import write_stdlib_corpus
+
+    docs, size = write_stdlib_corpus(args.out, args.max_bytes)
+    print(f"wrote {args.out}: {docs} documents, {size:,} bytes of text")
+    return 0

@@ -1,0 +1,91 @@
+"""TrainTokenStream: determinism, rank-disjoint spans, wrap-around, exact resume; load_val_tokens."""
+
+import numpy as np
+import pytest
+import torch
+
+from pgolf.data.loader import TrainTokenStream, load_val_tokens
+from pgolf.data.shards import FILE_AUDIT, write_shard
+from pgolf.errors import UserError
+
+
+@pytest.fixture
+def shards(tmp_path):
+    # consecutive integers across three uneven shards, so every token says where it came from
+    sizes = [1000, 333, 1500]
+    start = 0
+    for i, n in enumerate(sizes):
+        write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", np.arange(start, start + n, dtype=np.uint16))
+        start += n
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(7, 17, dtype=np.uint16))
+    return tmp_path, sum(sizes)
+
+
+def test_batches_follow_the_stream_and_wrap(shards):
+    folder, total = shards
+    stream = TrainTokenStream(str(folder / "fineweb_train_*.bin"))
+    expected = np.arange(total)
+    pos = 0
+    for _ in range(20):  # 20 * 129 tokens > total: wraps around
+        x, y = stream.next_batch(128, 32, 1)
+        assert x.dtype == torch.int64 and x.shape == (4, 32)
+        span = expected[(pos + np.arange(129)) % total]
+        assert torch.equal(x.flatten(), torch.from_numpy(span[:-1]))
+        assert torch.equal(y.flatten(), torch.from_numpy(span[1:]))
+        pos += 129
+
+
+def test_deterministic_and_rank_disjoint(shards):
+    folder, _ = shards
+    pattern = str(folder / "fineweb_train_*.bin")
+    world = 4
+    streams = [TrainTokenStream(pattern, r, world) for r in range(world)]
+    again = TrainTokenStream(pattern, 2, world)
+    for _ in range(5):
+        batches = [s.next_batch(256, 16, 2) for s in streams]  # local = 256 / (4*2) = 32 tokens
+        assert all(x.shape == (2, 16) for x, _ in batches)
+        xa, ya = again.next_batch(256, 16, 2)
+        assert torch.equal(xa, batches[2][0]) and torch.equal(ya, batches[2][1])
+        spans = [torch.cat([x.flatten(), y.flatten()[-1:]]) for x, y in batches]
+        # each rank's span starts right after the previous rank's: disjoint and contiguous
+        for a, b in zip(spans, spans[1:], strict=False):
+            assert int(b[0]) == int(a[-1]) + 1
+        assert len(set(torch.cat(spans).tolist())) == 4 * 33
+
+
+def test_resume_equals_uninterrupted(shards):
+    folder, _ = shards
+    pattern = str(folder / "fineweb_train_*.bin")
+    full = TrainTokenStream(pattern, 1, 2)
+    ref = [full.next_batch(64, 8, 1) for _ in range(40)]
+    first = TrainTokenStream(pattern, 1, 2)
+    for _ in range(17):
+        first.next_batch(64, 8, 1)
+    state = first.state_dict()
+    resumed = TrainTokenStream(pattern, 1, 2)
+    resumed.load_state_dict(state)
+    for x_ref, y_ref in ref[17:]:
+        x, y = resumed.next_batch(64, 8, 1)
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_bad_batch_shape_and_state(shards):
+    folder, _ = shards
+    stream = TrainTokenStream(str(folder / "fineweb_train_*.bin"))
+    with pytest.raises(UserError, match="not a positive multiple of seq_len"):
+        stream.next_batch(100, 32, 1)
+    other = TrainTokenStream([folder / "fineweb_train_000000.bin"])
+    with pytest.raises(UserError, match="loader state"):
+        other.load_state_dict(stream.state_dict())
+
+
+def test_val_tokens_and_audit(shards):
+    folder, _ = shards
+    FILE_AUDIT.clear()
+    with FILE_AUDIT.phase("eval"):
+        val = load_val_tokens(str(folder / "fineweb_val_*.bin"), vocab_size=1024)
+    assert val.dtype == torch.int64 and val.tolist() == list(range(7, 17))
+    with FILE_AUDIT.phase("train"):
+        TrainTokenStream(str(folder / "fineweb_train_*.bin")).next_batch(2048, 64, 1)
+    assert all("fineweb_train_" in p for p in FILE_AUDIT.opened("train"))
+    assert [p.endswith("fineweb_val_000000.bin") for p in FILE_AUDIT.opened("eval")] == [True]
