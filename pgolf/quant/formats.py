@@ -52,3 +52,32 @@ def fake_quantize_rows(w: torch.Tensor, bits: int, clip_k: float) -> torch.Tenso
     """
     scale = row_scales(row_clip_sdclip(w.detach(), clip_k), bits)
     return dequantize_rows(quantize_rows(w, scale, bits), scale).to(w.dtype)
+
+
+# Name parts that mark an attention or MLP matrix (stored with matrix_bits); any other large 2D float
+# tensor (token embedding, BigramHash and value-embedding tables, an untied head) gets embed_bits.
+MATRIX_NAME_PARTS = ("attn", "mlp")
+
+
+def tensor_policy(name: str, tensor: torch.Tensor, cfg) -> str:
+    """How the artifact stores one state-dict tensor: "matrix", "embed" or "passthrough".
+
+    Passthrough tensors (non-float, not 2D, or at most cfg.passthrough_numel elements: gains, scales,
+    gates, small projections) are stored as they are, floats as fp16. Control tensors stay fp16 as in the
+    records: they are a few tens of thousands of values, and fp32 would cost bytes without a measured gain.
+    """
+    if not tensor.is_floating_point() or tensor.ndim != 2 or tensor.numel() <= cfg.passthrough_numel:
+        return "passthrough"
+    if any(part in name for part in MATRIX_NAME_PARTS):
+        return "matrix"
+    return "embed"
+
+
+def policy_bits(kind: str, cfg) -> int:
+    """Bits of a "matrix" or "embed" tensor under cfg (QuantConfig)."""
+    return cfg.matrix_bits if kind == "matrix" else cfg.embed_bits
+
+
+def policy_clip_k(kind: str, cfg) -> float:
+    """SDClip k of a "matrix" or "embed" tensor under cfg (QuantConfig)."""
+    return cfg.sdclip_k if kind == "matrix" else cfg.sdclip_k_embed

@@ -1,0 +1,259 @@
+"""The quantized artifact (`model.pgq`): a small binary container, no pickle. docs/artifact-format.md has the
+byte layout; in short: magic, version, a CRC-checked JSON tensor table, then compressed sections.
+
+Tensors are grouped into sections by how they are stored: "q<bits>" (the integer values of all matrices of
+that width, either as int8 bytes or bit-packed), "scales" (all fp16 row scales), "fp16" (passthrough floats)
+and "raw" (non-float tensors as they are). Each section is compressed on its own with the method
+(codec + filter) that gives the fewest bytes, and carries a CRC32 of its compressed bytes.
+"""
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pgolf.errors import UserError
+from pgolf.quant.codecs import AUTO_CODECS, codec_candidates, compress_best, compress_with, decompress_with
+from pgolf.quant.formats import dequantize_rows
+from pgolf.quant.pack import pack_bits, unpack_bits
+from pgolf.tensorfile import TENSORFILE_DTYPES, tensor_from_bytes, tensor_to_bytes
+
+ARTIFACT_MAGIC = b"PGQUANT\x00"
+ARTIFACT_VERSION = 1
+ARTIFACT_PREFIX = struct.Struct("<8sIII")  # magic, version, header length, header CRC32
+# Filters tried per section layout (each with every codec of the candidate list). Bit-packed b-bit values
+# repeat every b bytes, hence shuf<b>; on int6 GPTQ-like values bitplane measured worse than none.
+SECTION_FILTERS = {"int8": ("none",), "fp16": ("none", "shuf2"), "raw": ("none",),
+                   **{f"packed{b}": (f"shuf{b}",) for b in range(5, 9)}}
+# Sections larger than this pick their two best methods on a sample before compressing in full.
+SAMPLE_ABOVE_BYTES = 4_000_000
+SAMPLE_BYTES = 1_000_000
+
+
+@dataclass
+class QuantTensor:
+    """One state-dict entry as stored: integer values + fp16 row scales, or a passthrough tensor."""
+
+    kind: str  # matrix | embed | passthrough
+    shape: tuple
+    dtype: str  # the original dtype name ("float32", ...), restored on read
+    bits: int = 0
+    q: torch.Tensor | None = None  # int8 (R, C) for matrix / embed
+    scale: torch.Tensor | None = None  # fp16 (R,)
+    data: torch.Tensor | None = None  # passthrough: fp16 for floats, else the tensor itself
+    info: dict = field(default_factory=dict)
+
+    def dequantize(self) -> torch.Tensor:
+        dtype = TENSORFILE_DTYPES[self.dtype]
+        if self.kind == "passthrough":
+            return self.data.to(dtype).reshape(self.shape)
+        return dequantize_rows(self.q, self.scale).to(dtype).reshape(self.shape)
+
+
+@dataclass
+class QuantizedModel:
+    tensors: dict[str, QuantTensor]
+    meta: dict = field(default_factory=dict)
+
+    def dequantized_state(self) -> dict[str, torch.Tensor]:
+        return {name: t.dequantize() for name, t in self.tensors.items()}
+
+
+def section_streams(qm: QuantizedModel):
+    """Build the uncompressed section payloads and the tensor table (offsets into the payloads)."""
+    parts: dict[str, list[bytes]] = {}
+    sizes: dict[str, int] = {}
+    table = []
+
+    def put(section: str, blob: bytes) -> list[int]:
+        parts.setdefault(section, []).append(blob)
+        start = sizes.get(section, 0)
+        sizes[section] = start + len(blob)
+        return [start, len(blob)]
+
+    for name, t in qm.tensors.items():
+        entry = {"name": name, "kind": t.kind, "shape": list(t.shape), "dtype": t.dtype, "bits": t.bits}
+        if t.kind == "passthrough":
+            stored = t.data.detach().cpu().contiguous()
+            section = "fp16" if stored.dtype == torch.float16 else "raw"
+            entry["stored"] = str(stored.dtype).removeprefix("torch.")
+            entry["data"] = [section, *put(section, tensor_to_bytes(stored))]
+        else:
+            entry["q"] = [f"q{t.bits}", *put(f"q{t.bits}", t.q.detach().cpu().contiguous().numpy().tobytes())]
+            entry["scale"] = ["scales", *put("scales", tensor_to_bytes(t.scale.to(torch.float16)))]
+        table.append(entry)
+    return {s: b"".join(p) for s, p in parts.items()}, table
+
+
+def section_layouts(section: str, raw: bytes) -> dict[str, bytes]:
+    """The byte layouts a section may be stored in: integer sections raw int8 or bit-packed."""
+    if not section.startswith("q"):
+        return {"fp16" if section in ("fp16", "scales") else "raw": raw}
+    bits = int(section[1:])
+    if bits == 8:
+        return {"int8": raw}  # 8-bit packing is the int8 layout itself
+    return {"int8": raw, f"packed{bits}": pack_bits(np.frombuffer(raw, dtype=np.int8), bits)}
+
+
+def sample_of(data: bytes) -> bytes:
+    """Four spread slices of a large stream, SAMPLE_BYTES in all."""
+    piece, n = SAMPLE_BYTES // 4, len(data)
+    return b"".join(data[i * (n - piece) // 3: i * (n - piece) // 3 + piece] for i in range(4))
+
+
+def choose_section(section: str, raw: bytes, codecs) -> dict:
+    """Pick the layout and method with the fewest compressed bytes; returns the section record with its blob."""
+    options = []
+    for layout, data in section_layouts(section, raw).items():
+        options += [(layout, data, f"{c}+{f}") for c in codecs for f in SECTION_FILTERS[layout]]
+    if len(raw) > SAMPLE_ABOVE_BYTES and len(options) > 2:
+        scored = sorted(options, key=lambda o: len(compress_with(o[2], sample_of(o[1]))))
+        options = scored[:2]
+    best = None
+    for layout, data, method in options:
+        chosen, blob = compress_best(data, [method])
+        if best is None or len(blob) < len(best["blob"]):
+            best = {"layout": layout, "method": chosen, "raw_len": len(data), "blob": blob}
+    best["values"] = len(raw)
+    return best
+
+
+def encode_artifact(qm: QuantizedModel, codecs=AUTO_CODECS, plan: dict | None = None) -> tuple[bytes, list[dict]]:
+    """Serialize qm to bytes. `plan` ({section: (layout, method)}) fixes the choices instead of searching.
+
+    Returns (file bytes, section records without blobs).
+    """
+    runnable, _ = codec_candidates([f"{c}+none" for c in codecs])
+    codecs = [m.split("+")[0] for m in runnable]
+    streams, table = section_streams(qm)
+    sections, offset = [], 0
+    for name, raw in streams.items():
+        if plan and name in plan:
+            layout, method = plan[name]
+            data = section_layouts(name, raw)[layout]
+            rec = {"layout": layout, "method": method, "raw_len": len(data), "values": len(raw),
+                   "blob": compress_with(method, data)}
+        else:
+            rec = choose_section(name, raw, codecs)
+        rec.update(name=name, offset=offset, length=len(rec["blob"]), crc32=zlib.crc32(rec["blob"]))
+        offset += rec["length"]
+        sections.append(rec)
+    header = json.dumps({"meta": qm.meta, "sections": [{k: v for k, v in s.items() if k != "blob"} for s in sections],
+                         "tensors": table}, separators=(",", ":")).encode()
+    prefix = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(header), zlib.crc32(header))
+    blob = prefix + header + b"".join(s["blob"] for s in sections)
+    return blob, [{k: v for k, v in s.items() if k != "blob"} for s in sections]
+
+
+def write_artifact(quantized: QuantizedModel, path, codecs=AUTO_CODECS, plan: dict | None = None) -> int:
+    """Write the artifact atomically; returns the bytes written."""
+    blob, _ = encode_artifact(quantized, codecs, plan)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(blob)
+    tmp.replace(path)
+    return len(blob)
+
+
+def parse_artifact(path) -> tuple[dict, dict[str, bytes]]:
+    """Check and decode the container: (header, {section: uncompressed stream}); damage raises UserError."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return decode_container(data)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    except Exception as e:  # any decoder error on a damaged file becomes one line naming the file
+        raise UserError(f"{path}: damaged artifact ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
+            from None
+
+
+def decode_container(data: bytes) -> tuple[dict, dict[str, bytes]]:
+    if len(data) < ARTIFACT_PREFIX.size:
+        raise UserError("truncated: shorter than the artifact prefix")
+    magic, version, header_len, header_crc = ARTIFACT_PREFIX.unpack_from(data)
+    if magic != ARTIFACT_MAGIC:
+        raise UserError("not a pgolf quantized artifact (bad magic)")
+    if version != ARTIFACT_VERSION:
+        raise UserError(f"artifact version {version} is not supported (this reader knows {ARTIFACT_VERSION})")
+    start = ARTIFACT_PREFIX.size
+    header_bytes = data[start:start + header_len]
+    if len(header_bytes) != header_len:
+        raise UserError("truncated inside the tensor table")
+    if zlib.crc32(header_bytes) != header_crc:
+        raise UserError("tensor table checksum mismatch (corrupted)")
+    header = json.loads(header_bytes.decode())
+    base = start + header_len
+    expected = base + sum(s["length"] for s in header["sections"])
+    if len(data) != expected:
+        raise UserError(f"size {len(data)} bytes, expected {expected} (truncated or extended)")
+    streams = {}
+    for s in header["sections"]:
+        blob = data[base + s["offset"]: base + s["offset"] + s["length"]]
+        if zlib.crc32(blob) != s["crc32"]:
+            raise UserError(f"section {s['name']!r} checksum mismatch (corrupted)")
+        raw = decompress_with(s["method"], blob, s["raw_len"])
+        if s["layout"].startswith("packed"):
+            raw = unpack_bits(raw, int(s["name"][1:]), s["values"]).tobytes()
+        if len(raw) != s["values"]:
+            raise UserError(f"section {s['name']!r} decodes to {len(raw)} bytes, expected {s['values']}")
+        streams[s["name"]] = raw
+    return header, streams
+
+
+def tensor_from_entry(entry: dict, streams: dict[str, bytes]) -> QuantTensor:
+    t = QuantTensor(kind=entry["kind"], shape=tuple(entry["shape"]), dtype=entry["dtype"], bits=entry["bits"])
+    if t.kind == "passthrough":
+        section, off, n = entry["data"]
+        t.data = tensor_from_bytes(streams[section][off:off + n], entry["stored"], entry["shape"])
+        return t
+    section, off, n = entry["q"]
+    rows = entry["shape"][0]
+    t.q = torch.from_numpy(np.frombuffer(streams[section][off:off + n], dtype=np.int8).copy()).reshape(rows, -1)
+    section, off, n = entry["scale"]
+    t.scale = tensor_from_bytes(streams[section][off:off + n], "float16", [rows])
+    return t
+
+
+def read_quantized(path) -> QuantizedModel:
+    """The stored integer values and scales, as a QuantizedModel."""
+    header, streams = parse_artifact(path)
+    try:
+        tensors = {e["name"]: tensor_from_entry(e, streams) for e in header["tensors"]}
+    except Exception as e:
+        raise UserError(f"{path}: damaged tensor table ({type(e).__name__})") from None
+    return QuantizedModel(tensors=tensors, meta=header.get("meta", {}))
+
+
+def read_artifact(path) -> dict[str, torch.Tensor]:
+    """The dequantized float state dict (original dtypes and shapes), ready for load_state_dict."""
+    return read_quantized(path).dequantized_state()
+
+
+def inspect_artifact(path) -> list[dict]:
+    """One row per tensor: name, shape, kind, bits, stored bytes, codec.
+
+    A tensor's stored bytes are its share of its sections' compressed bytes, in proportion to its
+    uncompressed bytes there (sections are compressed as a whole).
+    """
+    header, _ = parse_artifact(path)
+    sections = {s["name"]: s for s in header["sections"]}
+
+    def share(ref) -> float:
+        s = sections[ref[0]]
+        return s["length"] * ref[2] / max(s["values"], 1)
+
+    rows = []
+    for e in header["tensors"]:
+        refs = [e["data"]] if e["kind"] == "passthrough" else [e["q"], e["scale"]]
+        methods = sorted({f"{sections[r[0]]['layout']}/{sections[r[0]]['method']}" for r in refs})
+        rows.append({"name": e["name"], "shape": e["shape"], "kind": e["kind"], "bits": e["bits"],
+                     "bytes": round(sum(share(r) for r in refs)), "codec": ", ".join(methods)})
+    return rows

@@ -1,0 +1,151 @@
+"""Lossless codecs for artifact sections, each optionally after a reversible byte filter.
+
+A method is named "<codec>+<filter>", e.g. "brotli11+shuf2". Codecs: zlib9, lzma6, lzma9e (preset 9 |
+extreme), zstd22 (zstandard), brotli11 (brotli), raw. Filters: none; shufN for N in 2..8 (the bytes of
+fixed-width N-byte items split into N planes: all first bytes, then all second bytes, ...; a tail shorter than
+N is kept as is);
+bitplane (the 8 bit planes of the byte stream, each packed). zstandard and brotli are optional: where they
+are missing, the methods using them are skipped and `codec_candidates` says why.
+"""
+
+import lzma
+import zlib
+
+import numpy as np
+
+from pgolf.errors import UserError
+
+CODEC_NAMES = ("zlib9", "lzma6", "lzma9e", "zstd22", "brotli11", "raw")
+FILTER_NAMES = ("none", "bitplane") + tuple(f"shuf{n}" for n in range(2, 9))
+# The codecs tried by quant.codec=auto (raw only as the last resort it never wins).
+AUTO_CODECS = ("zlib9", "lzma9e", "zstd22", "brotli11")
+
+
+def lzma_filters(preset: int) -> list[dict]:
+    return [{"id": lzma.FILTER_LZMA2, "preset": preset}]
+
+
+def codec_compress(codec: str, data: bytes) -> bytes:
+    if codec == "zlib9":
+        return zlib.compress(data, 9)
+    if codec in ("lzma6", "lzma9e"):
+        preset = 6 if codec == "lzma6" else 9 | lzma.PRESET_EXTREME
+        return lzma.compress(data, format=lzma.FORMAT_RAW, filters=lzma_filters(preset))
+    if codec == "zstd22":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=22).compress(data)
+    if codec == "brotli11":
+        import brotli
+
+        return brotli.compress(data, quality=11, lgwin=24)
+    if codec == "raw":
+        return bytes(data)
+    raise UserError(f"unknown codec {codec!r}; valid: {list(CODEC_NAMES)}")
+
+
+def codec_decompress(codec: str, blob: bytes) -> bytes:
+    if codec == "zlib9":
+        return zlib.decompress(blob)
+    if codec in ("lzma6", "lzma9e"):
+        preset = 6 if codec == "lzma6" else 9 | lzma.PRESET_EXTREME
+        return lzma.decompress(blob, format=lzma.FORMAT_RAW, filters=lzma_filters(preset))
+    if codec == "zstd22":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompress(blob)
+    if codec == "brotli11":
+        import brotli
+
+        return brotli.decompress(blob)
+    if codec == "raw":
+        return bytes(blob)
+    raise UserError(f"unknown codec {codec!r}; valid: {list(CODEC_NAMES)}")
+
+
+def filter_apply(name: str, data: bytes) -> bytes:
+    arr = np.frombuffer(data, dtype=np.uint8)
+    if name == "none":
+        return bytes(data)
+    if name.startswith("shuf"):
+        width = int(name[4:])
+        body = (len(arr) // width) * width
+        return arr[:body].reshape(-1, width).T.tobytes() + arr[body:].tobytes()
+    if name == "bitplane":
+        padded = np.zeros(-(-len(arr) // 8) * 8, dtype=np.uint8)
+        padded[: len(arr)] = arr
+        return np.packbits(np.unpackbits(padded).reshape(-1, 8).T).tobytes()
+    raise UserError(f"unknown filter {name!r}; valid: {list(FILTER_NAMES)}")
+
+
+def filter_invert(name: str, data: bytes, raw_len: int) -> bytes:
+    arr = np.frombuffer(data, dtype=np.uint8)
+    if name == "none":
+        return bytes(data)
+    if name.startswith("shuf"):
+        width = int(name[4:])
+        body = (raw_len // width) * width
+        return arr[:body].reshape(width, -1).T.tobytes() + arr[body:].tobytes()
+    if name == "bitplane":
+        bits = np.unpackbits(arr).reshape(8, -1).T
+        return np.packbits(bits.reshape(-1)).tobytes()[:raw_len]
+    raise UserError(f"unknown filter {name!r}; valid: {list(FILTER_NAMES)}")
+
+
+def split_method(method: str) -> tuple[str, str]:
+    codec, _, filt = method.partition("+")
+    filt = filt or "none"
+    if codec not in CODEC_NAMES or filt not in FILTER_NAMES:
+        raise UserError(f"unknown compression method {method!r}; codecs {list(CODEC_NAMES)}, "
+                        f"filters {list(FILTER_NAMES)}")
+    return codec, filt
+
+
+def method_missing(method: str) -> str:
+    """Why a method cannot run here ("" when it can)."""
+    codec, _ = split_method(method)
+    module = {"zstd22": "zstandard", "brotli11": "brotli"}.get(codec)
+    if module is None:
+        return ""
+    try:
+        __import__(module)
+    except ImportError:
+        return f"{codec} needs the {module} package, which is not installed"
+    return ""
+
+
+def codec_candidates(methods) -> tuple[list[str], dict[str, str]]:
+    """Split methods into those that can run here and {method: reason} for the skipped ones."""
+    ok, skipped = [], {}
+    for m in methods:
+        reason = method_missing(m)
+        if reason:
+            skipped[m] = reason
+        else:
+            ok.append(m)
+    return ok, skipped
+
+
+def compress_with(method: str, data: bytes) -> bytes:
+    codec, filt = split_method(method)
+    return codec_compress(codec, filter_apply(filt, data))
+
+
+def decompress_with(method: str, blob: bytes, raw_len: int) -> bytes:
+    codec, filt = split_method(method)
+    return filter_invert(filt, codec_decompress(codec, blob), raw_len)
+
+
+def compress_best(data: bytes, candidates) -> tuple[str, bytes]:
+    """Compress with every runnable candidate method and keep the smallest that decompresses to `data`."""
+    runnable, skipped = codec_candidates(candidates)
+    if not runnable:
+        raise UserError(f"no compression method can run here: {skipped}")
+    best = None
+    for method in runnable:
+        blob = compress_with(method, data)
+        if best is None or len(blob) < len(best[1]):
+            best = (method, blob)
+    if decompress_with(best[0], best[1], len(data)) != bytes(data):
+        raise RuntimeError(f"compression method {best[0]} did not round-trip; refusing to write it")
+    return best

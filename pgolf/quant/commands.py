@@ -1,0 +1,93 @@
+"""`pgolf quant RUN_DIR` (re-quantize a finished run) and `pgolf artifact inspect FILE`."""
+
+import json
+from pathlib import Path
+
+from pgolf.config import QuantConfig, RunConfig, apply_overrides, config_from_dict, config_to_dict
+from pgolf.errors import UserError
+from pgolf.quant.artifact import inspect_artifact
+from pgolf.quant.pipeline import export_state
+from pgolf.quant.size import format_size_report
+from pgolf.tensorfile import read_tensors
+
+
+def run_quant_config(run_dir: Path, overrides: list[str]) -> QuantConfig:
+    """The run's QuantConfig (from config.json when present), with "quant.field=value" overrides applied."""
+    cfg = RunConfig()
+    config_path = run_dir / "config.json"
+    if config_path.exists():
+        try:
+            cfg.quant = config_from_dict(json.loads(config_path.read_text()).get("quant", {}), QuantConfig)
+        except json.JSONDecodeError:
+            raise UserError(f"{config_path}: not valid JSON") from None
+    bad = [o for o in overrides if not o.startswith("quant.")]
+    if bad:
+        raise UserError(f"override(s) {bad} are not in the quant section (quant.field=value)")
+    return apply_overrides(cfg, overrides).quant
+
+
+def cmd_quant(args) -> int:
+    run_dir = Path(args.run_dir)
+    weights = run_dir / "model.pgw"
+    if not weights.exists():
+        raise UserError(f"{weights}: not found (is {run_dir} a finished run directory?)")
+    cfg = run_quant_config(run_dir, args.set or [])
+    state, _ = read_tensors(weights)
+    hessian_path = run_dir / "hessians.pgw"
+    hessians = read_tensors(hessian_path)[0] if hessian_path.exists() else None
+    if hessians is None and cfg.method == "gptq":
+        print(f"note: {hessian_path} not found; every matrix falls back to round-to-nearest")
+    code_bytes = args.code_bytes
+    if code_bytes is None:
+        record = run_dir / "record.json"
+        code_bytes = 0
+        if record.exists():
+            code_bytes = (json.loads(record.read_text()).get("bytes") or {}).get("code") or 0
+    out = Path(args.out) if args.out else run_dir / "model.pgq"
+    report = export_state(state, hessians, cfg, out, code_bytes)
+    for line in report["warnings"]:
+        print(f"warning: {line}")
+    for method, reason in report["skipped_codecs"].items():
+        print(f"skipped {method}: {reason}")
+    if report["fit"] and report["fit"]["pruned"]:
+        f = report["fit"]
+        print(f"fit to budget: pruned {f['pruned']:,} of {f['candidates']:,} ±1 values in {f['steps']} steps, "
+              f"{f['bytes_before']:,} -> {f['bytes_after']:,} B")
+    print(f"wrote {out} (quantize {report['timings']['quantize_s']:.1f}s, "
+          f"serialize {report['timings']['serialize_s']:.1f}s)")
+    print(format_size_report(report["bytes"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": config_to_dict(cfg), **report}, indent=1, default=str))
+    return 0 if report["bytes"]["fits"] else 1
+
+
+def cmd_artifact_inspect(args) -> int:
+    rows = inspect_artifact(args.file)
+    print(f"{'name':<40} {'shape':>14} {'kind':<12} {'bits':>4} {'bytes':>11}  codec")
+    for r in rows:
+        shape = "x".join(str(d) for d in r["shape"]) or "()"
+        bits = r["bits"] or "-"
+        print(f"{r['name']:<40} {shape:>14} {r['kind']:<12} {bits:>4} {r['bytes']:>11,}  {r['codec']}")
+    size = Path(args.file).stat().st_size
+    by_kind: dict[str, int] = {}
+    for r in rows:
+        by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + r["bytes"]
+    print("totals: " + ", ".join(f"{k} {v:,} B" for k, v in sorted(by_kind.items()))
+          + f"; file {size:,} B ({len(rows)} tensors; table and headers {size - sum(by_kind.values()):,} B)")
+    return 0
+
+
+def add_quant_commands(subparsers) -> None:
+    p = subparsers.add_parser("quant", help="re-quantize a finished run's float weights into model.pgq")
+    p.add_argument("run_dir", help="run directory holding model.pgw (and hessians.pgw for GPTQ)")
+    p.add_argument("--set", action="append", metavar="quant.FIELD=VALUE", help="override a quant setting")
+    p.add_argument("--code-bytes", type=int, default=None, help="code bytes to count (default: record.json)")
+    p.add_argument("--out", default="", help="artifact path (default RUN_DIR/model.pgq)")
+    p.add_argument("--json", default="", help="also write the full export report as JSON here")
+    p.set_defaults(func=cmd_quant)
+
+    a = subparsers.add_parser("artifact", help="work with quantized artifacts")
+    asub = a.add_subparsers(dest="artifact_command", metavar="ACTION")
+    i = asub.add_parser("inspect", help="per-tensor bytes, bits and codec of an artifact")
+    i.add_argument("file")
+    i.set_defaults(func=cmd_artifact_inspect)
