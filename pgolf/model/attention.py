@@ -1,0 +1,126 @@
+"""Causal grouped-query attention: the kernel choice, a plain reference, XSA and value embeddings.
+
+Tensors are in the (B, T, H, D) layout of FlashAttention-3 throughout; k and v carry Hkv heads and query
+head h reads KV head h // (H // Hkv), the same grouping as repeat_interleave, FA3 and SDPA's enable_gqa.
+"""
+
+import importlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pgolf.errors import UserError
+from pgolf.model.layers import CastedLinear, apply_rotary
+
+SDPA_BACKENDS = {
+    "auto": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+    "fa3": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "math": [SDPBackend.MATH],
+}
+
+
+def load_fa3_func():
+    """FlashAttention-3's flash_attn_func if the `flash_attn_interface` package imports, else None."""
+    try:
+        module = importlib.import_module("flash_attn_interface")
+    except ImportError:
+        return None
+    return getattr(module, "flash_attn_func", None)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain causal attention in fp32: softmax(QK^T / sqrt(D) + causal mask) V, with k, v expanded per group."""
+    group = q.size(2) // k.size(2)
+    qf = q.float().transpose(1, 2)
+    kf = k.float().repeat_interleave(group, dim=2).transpose(1, 2)
+    vf = v.float().repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = qf @ kf.transpose(-1, -2) / math.sqrt(q.size(-1))
+    t = q.size(1)
+    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.masked_fill(future, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vf
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backends: list) -> torch.Tensor:
+    """Causal SDPA restricted to `backends` (tried in that order).
+
+    Only the flash and math kernels take enable_gqa; for lists with cuDNN or the efficient kernel the KV
+    heads are expanded with repeat_interleave instead, which every kernel accepts.
+    """
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    native_gqa = all(b in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH) for b in backends)
+    group = q.size(2) // k.size(2)
+    if group > 1 and not native_gqa:
+        kt = kt.repeat_interleave(group, dim=1)
+        vt = vt.repeat_interleave(group, dim=1)
+    with sdpa_kernel(backends, set_priority=True):
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=native_gqa and group > 1)
+    return out.transpose(1, 2)
+
+
+def xsa_project_out(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exclusive self-attention: remove from each head's output its component along its own unit value vector."""
+    b, t, h, d = y.shape
+    hkv = v.size(2)
+    y_g = y.reshape(b, t, hkv, h // hkv, d)
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+    y_g = y_g - (y_g * v_hat).sum(dim=-1, keepdim=True) * v_hat
+    return y_g.reshape(b, t, h, d)
+
+
+class CausalSelfAttention(nn.Module):
+    """GQA with q/k RMSNorm, (partial) RoPE and a learnable per-head q gain; optional XSA."""
+
+    def __init__(self, model_dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float,
+                 attention: str = "auto", xsa: bool = False):
+        super().__init__()
+        if attention not in SDPA_BACKENDS:
+            raise UserError(f"model.attention={attention!r} is not one of {'|'.join(SDPA_BACKENDS)}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = model_dim // num_heads
+        kv_dim = num_kv_heads * self.head_dim
+        self.c_q = CastedLinear(model_dim, model_dim)
+        self.c_k = CastedLinear(model_dim, kv_dim)
+        self.c_v = CastedLinear(model_dim, kv_dim)
+        self.proj = CastedLinear(model_dim, model_dim)
+        self.q_gain = nn.Parameter(torch.full((num_heads,), float(qk_gain_init)))
+        self.xsa = xsa
+        self.backend = attention
+        self.fa3_func = load_fa3_func() if attention in ("auto", "fa3") else None
+        if attention == "fa3" and self.fa3_func is None:
+            raise UserError("model.attention='fa3' but the flash_attn_interface package does not import")
+        self.sdpa_backends = SDPA_BACKENDS[attention]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The fast causal attention for this device and dtype; (B, T, H, D) in and out."""
+        if not q.is_cuda:
+            return sdpa_attention(q, k, v, SDPA_BACKENDS["math"])
+        if self.fa3_func is not None and q.dtype in (torch.bfloat16, torch.float16):
+            out = self.fa3_func(q, k, v, causal=True)
+            return out[0] if isinstance(out, tuple) else out
+        return sdpa_attention(q, k, v, self.sdpa_backends)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x)
+        if ve is not None:
+            v = v + ve.to(v.dtype)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(F.rms_norm(q, (self.head_dim,)), cos, sin)
+        k = apply_rotary(F.rms_norm(k, (self.head_dim,)), cos, sin)
+        q = (q * self.q_gain.to(q.dtype)[:, None]).to(v.dtype)
+        y = self.attend(q, k.to(v.dtype), v)
+        if self.xsa:
+            y = xsa_project_out(y, v)
+        return self.proj(y.reshape(b, t, -1))

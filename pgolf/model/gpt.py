@@ -1,0 +1,225 @@
+"""The pgolf GPT: every technique of the record stack is one flag of ModelConfig.
+
+Depth recurrence and the U-Net skips: the blocks run in a "virtual" order, physical layers
+0..L-1 with the span recur_first..recur_last repeated recur_loops extra times while recurrence is on.
+The first half of the virtual sequence (rounded down) is the encoder and pushes its outputs; the rest is
+the decoder and pops them in reverse, decoder position j using skip weight (and gate) j. The number of skip
+weights is that of the longest sequence (recurrence on); with recurrence off the first ones are used.
+A looped block keeps its physical ln_scale factor, XSA and value-embedding setting.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pgolf.config import ModelConfig
+from pgolf.model.attention import CausalSelfAttention
+from pgolf.model.features import BigramHash, SmearGate, ValueEmbedding
+from pgolf.model.layers import CastedLinear, RMSNorm, Rotary, softcap_logits
+
+
+class BlockMLP(nn.Module):
+    """proj(leaky_relu(fc(x), slope)^2); slope is a plain float read at every call (0 is exactly relu^2)."""
+
+    def __init__(self, dim: int, hidden: int, slope: float):
+        super().__init__()
+        self.fc = CastedLinear(dim, hidden)
+        self.proj = CastedLinear(hidden, dim)
+        self.slope = float(slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+
+
+class Block(nn.Module):
+    """One transformer block with x0 re-injection (resid_mix), per-dim output scales and optional parallel residual."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        dim = cfg.model_dim
+        self.layer = layer
+        self.norm = RMSNorm()
+        self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.attention,
+                                        xsa=layer >= cfg.num_layers - cfg.xsa_last_n)
+        self.mlp = BlockMLP(dim, round(cfg.mlp_mult * dim), cfg.mlp_slope)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        self.ln_factor = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        self.parallel = 0 <= cfg.parallel_resid_from <= layer
+
+    def normed(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.norm(x)
+        return n * self.ln_factor if self.ln_factor != 1.0 else n
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        if self.parallel:
+            n = self.normed(x)
+            attn_out = self.attn(n, cos, sin, ve)
+            return x + self.attn_scale.to(x.dtype) * attn_out + self.mlp_scale.to(x.dtype) * self.mlp(n)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.normed(x), cos, sin, ve)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.normed(x))
+
+
+def virtual_layer_order(cfg: ModelConfig, recurrence: bool) -> list[int]:
+    """Physical layer indices in the order they run: the recurrence span repeated when recurrence is on."""
+    layers = list(range(cfg.num_layers))
+    if not recurrence or cfg.recur_loops <= 0:
+        return layers
+    span = layers[cfg.recur_first: cfg.recur_last + 1]
+    return layers[: cfg.recur_first] + span * (1 + cfg.recur_loops) + layers[cfg.recur_last + 1:]
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.model_dim
+        head_dim = dim // cfg.num_heads
+        kv_dim = cfg.num_kv_heads * head_dim
+        self.tok_emb = nn.Embedding(cfg.vocab_size, dim)
+        self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, dim) if cfg.bigram_buckets > 0 else None
+        self.smear = SmearGate(dim) if cfg.smear_gate else None
+        self.input_norm = RMSNorm()
+        self.value_embed = ValueEmbedding(cfg.vocab_size, cfg.ve_dim, kv_dim) if cfg.ve_last_n > 0 else None
+        self.ve_layer_scales = nn.Parameter(torch.ones(cfg.ve_last_n)) if cfg.ve_last_n > 0 else None
+        self.ve_first_layer = cfg.num_layers - cfg.ve_last_n
+        self.rotary = Rotary(head_dim, cfg.rope_dims, cfg.rope_base)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.recurrence_active = False
+        num_skips = len(virtual_layer_order(cfg, recurrence=True)) // 2 if cfg.unet_skips else 0
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, dim)) if num_skips else None
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if num_skips and cfg.skip_gates else None
+        self.final_norm = RMSNorm()
+        self.head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initialization in one place (see the module docstring of each feature for its reasons)."""
+        cfg = self.cfg
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std if cfg.tie_embeddings else 1.0)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
+                self.init_matrix(lin)
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp.proj.weight)
+            block.attn.q_gain.fill_(cfg.qk_gain_init)
+            block.attn_scale.fill_(1.0)
+            block.mlp_scale.fill_(1.0)
+            block.resid_mix[0].fill_(1.0)
+            block.resid_mix[1].fill_(0.0)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.embed.weight)
+            self.init_matrix(self.bigram.proj)
+            self.bigram.scale.fill_(0.05)
+        if self.value_embed is not None:
+            nn.init.normal_(self.value_embed.embed.weight, std=0.01)
+            nn.init.zeros_(self.value_embed.proj.weight)
+            self.value_embed.scale.fill_(0.1)
+            self.ve_layer_scales.fill_(1.0)
+        if self.smear is not None:
+            self.smear.gate.zero_()
+        if self.skip_weights is not None:
+            self.skip_weights.fill_(1.0)
+        if self.skip_gates is not None:
+            self.skip_gates.zero_()
+        if self.head is not None:
+            nn.init.zeros_(self.head.weight)
+
+    def init_matrix(self, lin: nn.Linear) -> None:
+        if self.cfg.ortho_init:
+            nn.init.orthogonal_(lin.weight)
+        else:
+            lin.reset_parameters()
+
+    def set_recurrence(self, active: bool) -> None:
+        """Switch depth recurrence on or off (a compiled model recompiles once for each setting)."""
+        self.recurrence_active = bool(active)
+
+    def set_qat(self, active: bool, bits: int | None = None, clip_k: float | None = None) -> None:
+        """Fake-quantize the block matrices (attention and MLP) in the forward pass; bits/clip_k if given."""
+        for module in self.blocks.modules():
+            if isinstance(module, CastedLinear):
+                module.qat_on.fill_(1.0 if active else 0.0)
+                if bits is not None:
+                    module.qat_bits = bits
+                if clip_k is not None:
+                    module.qat_clip_k = clip_k
+
+    def embed_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """x0, the input of the first block: embedding (+ bigram), RMSNorm, then SmearGate."""
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids).to(x.dtype)
+        x = self.input_norm(x)
+        if self.smear is not None:
+            x = self.smear(x, input_ids)
+        return x
+
+    def run_blocks(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        x0 = x
+        cos, sin = self.rotary.cos_sin(input_ids.size(1), input_ids.device)
+        ve = self.value_embed(input_ids) if self.value_embed is not None else None
+        order = virtual_layer_order(self.cfg, self.recurrence_active)
+        num_encoder = len(order) // 2 if self.skip_weights is not None else 0
+        skips = []
+        for position, layer in enumerate(order):
+            if position >= num_encoder and skips:
+                j = position - num_encoder
+                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
+                if self.skip_gates is not None:
+                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+                else:
+                    x = x + skip
+            layer_ve = None
+            if ve is not None and layer >= self.ve_first_layer:
+                layer_ve = ve * self.ve_layer_scales[layer - self.ve_first_layer].to(ve.dtype)
+            x = self.blocks[layer](x, x0, cos, sin, layer_ve)
+            if position < num_encoder:
+                skips.append(x)
+        return x
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """float32 logits (B, T, V) after the softcap."""
+        x = self.final_norm(self.run_blocks(self.embed_inputs(input_ids), input_ids))
+        if self.head is None:
+            logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
+        else:
+            logits = self.head(x)
+        return softcap_logits(logits.float(), self.cfg.logit_softcap)
+
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        logits = self.logits(input_ids)
+        if target_ids is None:
+            return logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction=reduction)
+        return loss.view_as(target_ids) if reduction == "none" else loss
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """matrix (Muon): 2D block matrices and the bigram/VE projections; embed: token, bigram and VE tables;
+        head: the untied head; scalar: everything else. Every parameter is in exactly one group."""
+        matrix = [m.weight for m in self.blocks.modules() if isinstance(m, CastedLinear)]
+        embed = [self.tok_emb.weight]
+        for feature in (self.bigram, self.value_embed):
+            if feature is not None:
+                matrix.append(feature.proj.weight)
+                embed.append(feature.embed.weight)
+        head = [self.head.weight] if self.head is not None else []
+        taken = {id(p) for p in matrix + embed + head}
+        scalar = [p for p in self.parameters() if id(p) not in taken]
+        groups = {"matrix": matrix, "embed": embed, "head": head, "scalar": scalar}
+        ids = [id(p) for group in groups.values() for p in group]
+        assert len(ids) == len(set(ids)) == len(list(self.parameters())), "param groups overlap or miss one"
+        casted = {id(m.weight) for m in self.modules() if isinstance(m, CastedLinear)}
+        assert not casted & {id(p) for p in scalar}, "a CastedLinear weight fell into the scalar group"
+        return groups
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,268 @@
+"""The GPT and its techniques: one test per flag, causality, the BOS mask, QAT, attention paths, param groups."""
+
+import dataclasses
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pgolf.model.attention import SDPA_BACKENDS, reference_attention, sdpa_attention
+from pgolf.model.features import SMEAR_BOS_ID
+from pgolf.model.gpt import GPT, BlockMLP, virtual_layer_order
+from pgolf.model.layers import CastedLinear
+from pgolf.quant.formats import fake_quantize_rows
+from pgolf.recipes import recipe_record, recipe_tiny
+
+VOCAB = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """Tiny matmuls run fastest on one thread, and far faster when the 2 cores are shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def plain_cfg(**changes):
+    """A tiny model with every technique off (the flags are then switched on one at a time)."""
+    cfg = dataclasses.replace(
+        recipe_tiny().model, vocab_size=VOCAB, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2,
+        mlp_slope=0.0, rope_dims=0, xsa_last_n=0, ln_scale=False, smear_gate=False, bigram_buckets=0,
+        ve_last_n=0, unet_skips=False, skip_gates=False, parallel_resid_from=-1, ortho_init=False,
+        recur_first=-1, recur_last=-1, recur_loops=0, bigram_dim=8, ve_dim=8, attention="math")
+    return dataclasses.replace(cfg, **changes)
+
+
+def record_like_cfg():
+    """recipe_tiny's model with the remaining techniques on too: skip gates, recurrence, parallel residuals."""
+    return dataclasses.replace(recipe_tiny().model, vocab_size=VOCAB, skip_gates=True, recur_first=1,
+                               recur_last=2, recur_loops=1, parallel_resid_from=2, attention="math")
+
+
+@torch.no_grad()
+def perturb(model: GPT, scale: float = 0.05) -> GPT:
+    """Add noise seeded by each parameter's name, so zero-initialized parts do something and two models
+    with the same parameter names get the same noise."""
+    for name, p in model.named_parameters():
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def build(cfg, seed=0, recurrence=False):
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    model.set_recurrence(recurrence)
+    return model
+
+
+def tokens(batch=2, seq=24, seed=1):
+    return torch.randint(2, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# Flags that add or rewire computation: the second model takes the first one's shared weights.
+STRUCTURAL = {
+    "mlp_slope": {"mlp_slope": 0.5},
+    "rope_dims": {"rope_dims": 4},
+    "rope_base": {"rope_base": 100.0},
+    "logit_softcap": {"logit_softcap": 5.0},
+    "tie_embeddings": {"tie_embeddings": False},
+    "xsa_last_n": {"xsa_last_n": 2},
+    "ln_scale": {"ln_scale": True},
+    "smear_gate": {"smear_gate": True},
+    "bigram_buckets": {"bigram_buckets": 32},
+    "ve_last_n": {"ve_last_n": 2},
+    "unet_skips": {"unet_skips": True},
+    "parallel_resid_from": {"parallel_resid_from": 2},
+    "recurrence": {"recur_first": 1, "recur_last": 2, "recur_loops": 1},
+}
+# Flags that only change the initialization: same seed, no weight copy.
+INIT_ONLY = {
+    "ortho_init": {"ortho_init": True},
+    "qk_gain_init": {"qk_gain_init": 3.0},
+    "tied_embed_init_std": {"tied_embed_init_std": 0.05},
+}
+
+
+@pytest.mark.parametrize("flag", sorted(STRUCTURAL) + ["skip_gates"])
+def test_each_structural_flag_changes_the_forward(flag):
+    base = plain_cfg(unet_skips=True) if flag == "skip_gates" else plain_cfg()
+    changes = {"skip_gates": True} if flag == "skip_gates" else STRUCTURAL[flag]
+    a = build(base, recurrence=True)
+    twin = build(base, seed=5, recurrence=True)
+    b = build(dataclasses.replace(base, **changes), seed=5, recurrence=True)
+    shared = {k: v for k, v in a.state_dict().items() if k in b.state_dict() and b.state_dict()[k].shape == v.shape}
+    for model in (twin, b):
+        model.load_state_dict(shared, strict=False)
+    for model in (a, twin, b):  # shared weights get the same noise; the flag's own weights their own
+        perturb(model)
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(a(x), twin(x))  # the comparison can tell equal models apart from different ones
+        assert not torch.allclose(a(x), b(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("flag", sorted(INIT_ONLY))
+def test_each_init_flag_changes_the_forward(flag):
+    a = perturb(build(plain_cfg()))
+    b = perturb(build(plain_cfg(**INIT_ONLY[flag])))
+    with torch.no_grad():
+        assert not torch.allclose(a(tokens()), b(tokens()), atol=1e-6)
+
+
+@pytest.mark.parametrize("recurrence", [False, True])
+def test_causal_for_the_record_like_config(recurrence):
+    model = perturb(build(record_like_cfg(), recurrence=recurrence)).eval()
+    x = tokens(batch=1, seq=20)
+    x[0, 0] = SMEAR_BOS_ID
+    with torch.no_grad():
+        base = model(x)
+        for t in (1, 7, 19):
+            y = x.clone()
+            y[0, t] = (y[0, t] + 5) % VOCAB
+            out = model(y)
+            assert torch.equal(out[:, :t], base[:, :t]), f"position < {t} saw token {t}"
+            assert not torch.allclose(out[:, t], base[:, t])
+
+
+def test_recurrence_runs_the_span_again_and_keeps_skips_consistent():
+    cfg = record_like_cfg()
+    assert virtual_layer_order(cfg, True) == [0, 1, 2, 1, 2, 3]
+    model = perturb(build(cfg))
+    assert model.skip_weights.shape[0] == 3
+    with torch.no_grad():
+        off = model(tokens())
+        model.set_recurrence(True)
+        assert not torch.allclose(model(tokens()), off)
+
+
+def test_smeargate_bos_mask_blocks_the_previous_document():
+    model = perturb(build(plain_cfg(smear_gate=True, bigram_buckets=32)))
+    x = tokens(batch=1, seq=16)
+    bos = 9
+    x[0, bos] = SMEAR_BOS_ID
+    y = x.clone()
+    y[0, :bos] = (y[0, :bos] + 3) % VOCAB
+    y[0, :bos][y[0, :bos] == SMEAR_BOS_ID] = 2
+    with torch.no_grad():
+        ex, ey = model.embed_inputs(x), model.embed_inputs(y)
+        assert torch.equal(ex[:, bos:], ey[:, bos:])
+        # Without the BOS the same position does take from the token before it.
+        x[0, bos] = y[0, bos] = 5
+        assert not torch.allclose(model.embed_inputs(x)[:, bos], model.embed_inputs(y)[:, bos])
+
+
+def test_mlp_slope_zero_is_relu_squared_and_slope_is_read_at_runtime():
+    torch.manual_seed(0)
+    mlp = BlockMLP(16, 48, slope=0.0)
+    torch.nn.init.normal_(mlp.proj.weight)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert torch.equal(mlp(x), mlp.proj(F.relu(mlp.fc(x)).square()))
+        mlp.slope = 0.5
+        expected = mlp.proj(F.leaky_relu(mlp.fc(x), 0.5).square())
+        assert torch.equal(mlp(x), expected)
+        assert not torch.allclose(expected, mlp.proj(F.relu(mlp.fc(x)).square()))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (6, 1)])
+def test_reference_attention_agrees_with_the_fast_path_on_cpu(heads, kv_heads):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 17, heads, 16, generator=gen)
+    k = torch.randn(2, 17, kv_heads, 16, generator=gen)
+    v = torch.randn(2, 17, kv_heads, 16, generator=gen)
+    ref = reference_attention(q, k, v)
+    torch.testing.assert_close(sdpa_attention(q, k, v, SDPA_BACKENDS["math"]), ref, atol=1e-5, rtol=1e-5)
+    model = build(plain_cfg(attention="auto"))
+    torch.testing.assert_close(model.blocks[0].attn.attend(q, k, v), ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ref[:, 1:], reference_attention(q, k, v.flip(1))[:, 1:])
+
+
+def test_param_groups_complete_and_disjoint():
+    cfg = dataclasses.replace(record_like_cfg(), tie_embeddings=False)
+    model = build(cfg)
+    groups = model.param_groups()
+    ids = [id(p) for g in groups.values() for p in g]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert groups["head"] == [model.head.weight]
+    matrix, embed = {id(p) for p in groups["matrix"]}, {id(p) for p in groups["embed"]}
+    assert id(model.bigram.proj.weight) in matrix and id(model.value_embed.proj.weight) in matrix
+    assert {id(model.tok_emb.weight), id(model.bigram.embed.weight), id(model.value_embed.embed.weight)} == embed
+    assert all(p.ndim == 2 for p in groups["matrix"])
+    assert sum(p.numel() for g in groups.values() for p in g) == model.num_params()
+
+
+def test_record_parameter_count_matches_the_reference_script():
+    cfg = recipe_record().model
+    assert (cfg.vocab_size, cfg.bigram_buckets, cfg.bigram_dim) == (1024, 1536, 128)
+    count = GPT(cfg).num_params()
+    assert abs(count - 26_928_220) <= 0.002 * 26_928_220, count
+
+
+def test_qat_forward_is_fake_quantized_with_straight_through_gradient():
+    torch.manual_seed(0)
+    lin = CastedLinear(32, 8)
+    x = torch.randn(5, 32)
+    plain = lin(x)
+    lin.qat_on.fill_(1.0)
+    out = lin(x)
+    assert torch.equal(out, F.linear(x, fake_quantize_rows(lin.weight.detach(), 6, 12.85)))
+    assert not torch.equal(out, plain)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    torch.testing.assert_close(lin.weight.grad, grad_out.t() @ x)
+
+
+def test_toggling_qat_does_not_recompile():
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = perturb(build(plain_cfg()))
+    compiled = torch.compile(model, backend=counting_backend, fullgraph=True)
+    x = tokens()
+    with torch.no_grad():
+        before = compiled(x)
+        model.set_qat(True)
+        after = compiled(x)
+    assert len(compiles) == 1
+    assert not torch.allclose(before, after)
+    torch._dynamo.reset()
+
+
+def test_loss_decreases_with_adamw_on_the_tiny_recipe():
+    cfg = dataclasses.replace(recipe_tiny().model, attention="math")
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    y = torch.roll(x, -1, dims=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    per_token = model(x, y, reduction="none")
+    assert per_token.shape == x.shape
+    torch.testing.assert_close(per_token.mean(), model(x, y))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["auto", "cudnn", "flash", "efficient"])
+def test_cuda_fast_attention_agrees_with_reference_in_bf16(attention):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 256, 8, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(2, 256, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(2, 256, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    model = build(plain_cfg(model_dim=512, num_heads=8, num_kv_heads=4, attention=attention)).cuda()
+    out = model.blocks[0].attn.attend(q, k, v)
+    torch.testing.assert_close(out.float(), reference_attention(q, k, v).float(), atol=2e-2, rtol=2e-2)
