@@ -46,11 +46,24 @@ def test_deterministic_and_rank_disjoint(shards):
         assert all(x.shape == (2, 16) for x, _ in batches)
         xa, ya = again.next_batch(256, 16, 2)
         assert torch.equal(xa, batches[2][0]) and torch.equal(ya, batches[2][1])
-        spans = [torch.cat([x.flatten(), y.flatten()[-1:]]) for x, y in batches]
-        # each rank's span starts right after the previous rank's: disjoint and contiguous
-        for a, b in zip(spans, spans[1:], strict=False):
+        xs = [x.flatten() for x, _ in batches]
+        # the ranks' inputs tile one contiguous span, each target is its input's next token
+        for a, b in zip(xs, xs[1:], strict=False):
             assert int(b[0]) == int(a[-1]) + 1
-        assert len(set(torch.cat(spans).tolist())) == 4 * 33
+        for x, y in batches:
+            assert torch.equal(y.flatten()[:-1], x.flatten()[1:])
+        assert len(set(torch.cat(xs).tolist())) == 4 * 32
+
+
+def test_global_batch_does_not_depend_on_world_size(shards):
+    folder, _ = shards
+    pattern = str(folder / "fineweb_train_*.bin")
+    one = TrainTokenStream(pattern, 0, 1)
+    two = [TrainTokenStream(pattern, r, 2) for r in range(2)]
+    for _ in range(6):
+        x1, y1 = one.next_batch(128, 16)
+        parts = [s.next_batch(128, 16) for s in two]
+        assert torch.equal(x1, torch.cat([p[0] for p in parts])) and torch.equal(y1, torch.cat([p[1] for p in parts]))
 
 
 def test_resume_equals_uninterrupted(shards):

@@ -1,8 +1,9 @@
 """Token streams for training and the validation tokens, read through `read_shard` (so FILE_AUDIT sees them).
 
 `TrainTokenStream` walks the sorted training shards front to back and wraps around forever, as the
-challenge's loader: each `next_batch` takes one contiguous span of world_size * (local_tokens + 1) tokens,
-rank r keeps its own slice of local_tokens + 1, and x / y are that slice shifted by one.
+challenge's loader, except that one micro-step's span (global micro-batch + 1 tokens) is shared by all ranks,
+each keeping its own rows: the batches do not depend on the number of ranks (the challenge's loader shifts
+each rank's slice by one token per rank).
 """
 
 from pathlib import Path
@@ -51,15 +52,21 @@ class TrainTokenStream:
         return out
 
     def next_batch(self, batch_tokens: int, seq_len: int, grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (x, y) for one micro-step: int64 CPU tensors of shape (local_tokens // seq_len, seq_len)."""
+        """This rank's (x, y) for one micro-step: int64 CPU tensors of shape (local_tokens // seq_len, seq_len).
+
+        All ranks read the same span of batch_tokens / grad_accum + 1 tokens and rank r keeps rows
+        [r * rows, (r + 1) * rows) of its sequences, so the global batch is the same on any number of ranks.
+        """
         local_tokens = batch_tokens // (self.world_size * grad_accum)
         if local_tokens <= 0 or local_tokens % seq_len:
             raise UserError(f"batch_tokens={batch_tokens} / (world_size={self.world_size} * grad_accum={grad_accum})"
                             f" = {local_tokens} is not a positive multiple of seq_len={seq_len}")
-        span = local_tokens + 1
-        chunk = self._take(span * self.world_size)
-        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span])
-        return local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
+        micro_tokens = local_tokens * self.world_size
+        chunk = torch.from_numpy(self._take(micro_tokens + 1))
+        start = self.rank * local_tokens
+        x = chunk[start:start + local_tokens]
+        y = chunk[start + 1:start + local_tokens + 1]
+        return x.reshape(-1, seq_len), y.reshape(-1, seq_len)
 
     def state_dict(self) -> dict:
         return {"files": [p.name for p in self.files], "file_idx": self.file_idx, "pos": self.pos}

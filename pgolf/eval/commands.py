@@ -1,0 +1,242 @@
+"""`pgolf eval ARTIFACT --data DIR` (plain, sliding and TTT bpb of a saved model) and `pgolf check` (the
+legality harness's PASS/FAIL table; exit 1 on any FAIL).
+
+ARTIFACT is a quantized model.pgq or float weights model.pgw; a RUN_DIR stands for its model.pgq (or
+model.pgw). The model is built from the run's config.json (beside the artifact, or --config), a --recipe,
+and --set overrides.
+"""
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from pgolf.config import RunConfig, apply_overrides, config_from_dict, config_hash
+from pgolf.errors import UserError
+
+
+def eval_resolve_artifact(path: Path) -> Path:
+    if path.is_dir():
+        for name in ("model.pgq", "model.pgw"):
+            if (path / name).is_file():
+                return path / name
+        raise UserError(f"{path}: run directory holds neither model.pgq nor model.pgw")
+    if not path.is_file():
+        raise UserError(f"{path}: artifact not found")
+    return path
+
+
+def eval_load_config(artifact: Path, recipe: str, config_path: str, overrides: list[str], data: str) -> RunConfig:
+    """RunConfig from --recipe, --config, or the config.json beside the artifact; then --set and --data."""
+    if recipe and config_path:
+        raise UserError("give --recipe or --config, not both")
+    if recipe:
+        from pgolf.recipes import get_recipe
+
+        cfg = get_recipe(recipe)
+    else:
+        path = Path(config_path) if config_path else artifact.parent / "config.json"
+        if not path.is_file():
+            raise UserError(f"{path}: config not found; pass --config RUN_DIR/config.json or --recipe NAME")
+        try:
+            cfg = config_from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            raise UserError(f"{path}: not valid JSON") from None
+    if data:
+        cfg.data.path = data
+    return apply_overrides(cfg, overrides)
+
+
+def eval_load_model(artifact: Path, cfg: RunConfig, device: torch.device):
+    """The GPT of cfg.model with the artifact's weights (dequantized for .pgq), in eval mode on device."""
+    from pgolf.model.gpt import GPT
+
+    if artifact.suffix == ".pgq":
+        from pgolf.quant.artifact import read_artifact
+
+        state = read_artifact(artifact)
+    else:
+        from pgolf.tensorfile import read_tensors
+
+        state = read_tensors(artifact)[0]
+    model = GPT(cfg.model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "mismatch"
+        raise UserError(f"{artifact}: weights do not fit the configured model ({first})") from None
+    return model.to(device).eval()
+
+
+def eval_load_data(cfg: RunConfig, max_tokens: int):
+    """Validation tokens (FILE_AUDIT phase "eval"), the byte LUT, and the val file paths."""
+    from pgolf.data.build import load_sentencepiece
+    from pgolf.data.bytes import build_byte_luts
+    from pgolf.data.loader import load_val_tokens
+    from pgolf.data.shards import FILE_AUDIT, list_shards
+
+    folder = Path(cfg.data.path)
+    if not folder.is_dir():
+        raise UserError(f"data folder {str(folder)!r} does not exist")
+    val_files = list_shards(folder, cfg.data.val_pattern)
+    if cfg.data.tokenizer:
+        tokenizer = Path(cfg.data.tokenizer)
+    else:
+        models = sorted(folder.glob("*.model"))
+        if len(models) != 1:
+            raise UserError(f"{folder}: expected exactly one *.model tokenizer, found {len(models)}; "
+                            f"set data.tokenizer")
+        tokenizer = models[0]
+    with FILE_AUDIT.phase("eval"):
+        tokens = load_val_tokens(val_files, vocab_size=cfg.model.vocab_size)
+    if max_tokens > 0:
+        tokens = tokens[:max_tokens]
+    return tokens, build_byte_luts(load_sentencepiece(tokenizer), cfg.model.vocab_size)
+
+
+def eval_device(cfg: RunConfig) -> torch.device:
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def evaluate_configured(model, val_tokens, lut, cfg: RunConfig, rank: int = 0, world_size: int = 1) -> dict:
+    """plain always, sliding when eval.sliding_stride > 0, TTT when eval.ttt; {name: result} (no traces)."""
+    from pgolf.eval.bpb import evaluate_plain
+    from pgolf.eval.sliding import evaluate_sliding
+    from pgolf.eval.ttt import evaluate_ttt
+
+    e = cfg.eval
+    seq_len = e.seq_len or cfg.train.seq_len
+    out = {"plain": evaluate_plain(model, val_tokens, lut, seq_len, e.batch_seqs, rank, world_size)}
+    if e.sliding_stride > 0:
+        out["sliding"] = evaluate_sliding(model, val_tokens, lut, seq_len, e.sliding_stride, e.batch_seqs, rank,
+                                          world_size)
+    if e.ttt:
+        res = evaluate_ttt(model, val_tokens, lut, e, seq_len, rank, world_size)
+        res.pop("trace")
+        out["ttt"] = res
+    return out
+
+
+def format_eval_table(results: dict) -> str:
+    lines = [f"{'method':<8}  {'val_loss':>9}  {'val_bpb':>9}  {'tokens':>11}  {'bytes':>12}  {'seconds':>8}"]
+    for name, r in results.items():
+        lines.append(f"{name:<8}  {r['val_loss']:9.5f}  {r['val_bpb']:9.5f}  {r['tokens']:11,}  {r['bytes']:12,}  "
+                     f"{r['seconds']:8.1f}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    artifact = eval_resolve_artifact(Path(args.artifact))
+    cfg = eval_load_config(artifact, args.recipe, args.config, args.set or [], args.data)
+    tokens, lut = eval_load_data(cfg, args.max_tokens)
+    model = eval_load_model(artifact, cfg, eval_device(cfg))
+    t0 = time.perf_counter()
+    results = evaluate_configured(model, tokens, lut, cfg)
+    print(format_eval_table(results))
+    report = {"artifact": str(artifact), "config_hash": config_hash(cfg), "val_tokens": int(tokens.numel()),
+              "results": results, "timings": {f"eval_{k}_s": v["seconds"] for k, v in results.items()},
+              "seconds": time.perf_counter() - t0}
+    out = Path(args.out) if args.out else artifact.parent / "eval.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+class RecordedAudit:
+    """A file audit read back from a run directory's file_audit.json: [[phase, path], ...]."""
+
+    def __init__(self, records: list):
+        self.records = [(str(ph), str(p)) for ph, p in records]
+
+    def opened(self, phase: str | None = None) -> list[str]:
+        return [p for ph, p in self.records if phase is None or ph == phase]
+
+
+def check_audit_for(target: Path):
+    """The run's recorded file audit when RUN_DIR/file_audit.json exists, else None."""
+    run_dir = target if target.is_dir() else target.parent
+    path = run_dir / "file_audit.json"
+    if not path.is_file():
+        return None
+    try:
+        return RecordedAudit(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError):
+        raise UserError(f"{path}: not a list of [phase, path] pairs") from None
+
+
+def cmd_check(args) -> int:
+    from pgolf.data.shards import FileAudit
+    from pgolf.eval.bpb import evaluate_plain
+    from pgolf.eval.legality import format_check_table, run_legality_checks
+    from pgolf.eval.sliding import evaluate_sliding
+    from pgolf.eval.ttt import evaluate_ttt
+
+    target = Path(args.artifact)
+    artifact = eval_resolve_artifact(target)
+    cfg = eval_load_config(artifact, args.recipe, args.config, args.set or [], args.data)
+    e = cfg.eval
+    seq_len = args.seq_len or e.seq_len or cfg.train.seq_len
+    n_tokens = args.tokens or 4 * seq_len + 1
+    tokens, lut = eval_load_data(cfg, n_tokens)
+    device = eval_device(cfg)
+    state_model = eval_load_model(artifact, cfg, device)
+
+    def make_model():
+        return state_model  # every method evaluates it read-only (TTT adapts a deep copy)
+
+    stride = min(e.sliding_stride, seq_len) or seq_len
+    # a few chunks inside the short stream, so that adaptation happens between scored chunks
+    ttt_cfg = dataclasses.replace(e, ttt_chunk_tokens=max(seq_len, math.ceil(tokens.numel() / 4)),
+                                  sliding_stride=stride, ttt_time_limit_s=0.0)
+    methods = {"plain": lambda m, t, lu, **kw: evaluate_plain(m, t, lu, seq_len, e.batch_seqs, **kw)}
+    if e.sliding_stride > 0:
+        methods["sliding"] = lambda m, t, lu, **kw: evaluate_sliding(m, t, lu, seq_len, stride, e.batch_seqs, **kw)
+    if e.ttt:
+        methods["ttt"] = lambda m, t, lu, **kw: evaluate_ttt(m, t, lu, ttt_cfg, seq_len, **kw)
+    if args.method != "all":
+        if args.method not in methods:
+            raise UserError(f"--method {args.method}: not configured (eval.sliding_stride / eval.ttt)")
+        methods = {args.method: methods[args.method]}
+    audit = check_audit_for(target)
+    if audit is None:
+        print(f"note: no file_audit.json beside {artifact}: the val-file check sees only this process")
+        audit = FileAudit()
+    failed = 0
+    for name, fn in methods.items():
+        results = run_legality_checks(make_model, tokens, lut, fn, audit=audit, val_pattern=cfg.data.val_pattern)
+        print(f"== {name} ({tokens.numel()} val tokens, seq_len {seq_len})")
+        print(format_check_table(results))
+        failed += sum(not r.passed for r in results)
+    print(f"{'FAIL' if failed else 'PASS'}: {failed} failed check(s)")
+    return 1 if failed else 0
+
+
+def add_eval_shared_args(p) -> None:
+    p.add_argument("--data", default="", help="folder with the val shards and tokenizer (default: data.path)")
+    p.add_argument("--recipe", default="", help="build the model from this recipe instead of a config.json")
+    p.add_argument("--config", default="", help="RUN_DIR/config.json (default: the one beside the artifact)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
+
+
+def add_eval_commands(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="val_loss / val_bpb of a saved model: plain, sliding, TTT as configured")
+    p.add_argument("artifact", help="model.pgq, model.pgw, or a run directory")
+    add_eval_shared_args(p)
+    p.add_argument("--max-tokens", type=int, default=0, help="score only the first N val tokens (0 = all)")
+    p.add_argument("--out", default="", help="where to write eval.json (default: beside the artifact)")
+    p.set_defaults(func=cmd_eval)
+
+    c = subparsers.add_parser("check", help="legality checks (causality, normalization, score-before-update, "
+                                            "no val in training): PASS/FAIL table, exit 1 on any FAIL")
+    c.add_argument("artifact", help="model.pgq, model.pgw, or a run directory")
+    add_eval_shared_args(c)
+    c.add_argument("--tokens", type=int, default=0, help="val tokens to check on (default 4 * seq_len + 1)")
+    c.add_argument("--seq-len", type=int, default=0, help="eval sequence length for the check (default: config)")
+    c.add_argument("--method", default="all", choices=["all", "plain", "sliding", "ttt"],
+                   help="check one eval method (default: every configured one)")
+    c.set_defaults(func=cmd_check)

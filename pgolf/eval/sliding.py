@@ -1,0 +1,86 @@
+"""Sliding-window evaluation: every target is scored once, with at least seq_len - stride tokens of context.
+
+A window is (start, score_from, end) in prediction positions (position i predicts token i + 1): the model
+reads tokens[start:end] and the window scores positions score_from..end-1, i.e. targets score_from+1..end.
+The first window scores all of its positions; each later one scores at most its last `stride`. The windows'
+scored ranges tile 0..n-2 exactly, so the tail is never dropped: the last window keeps its start and is cut
+short (it scores fewer than `stride` positions, with the same seq_len - stride context as the others). With
+stride == seq_len the windows are exactly those of the plain evaluation.
+"""
+
+import time
+
+import torch
+
+from pgolf.errors import UserError
+from pgolf.eval.bpb import (
+    BpbAccumulator,
+    PerTokenScores,
+    check_eval_inputs,
+    model_device,
+    rank_span,
+    score_rows,
+    stream_byte_cumsum,
+)
+
+
+def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """The (start, score_from, end) windows that score each of the n_tokens - 1 targets exactly once."""
+    if seq_len < 1 or not 1 <= stride <= seq_len:
+        raise UserError(f"sliding stride={stride} must be in 1..seq_len (seq_len={seq_len})")
+    n_pred = n_tokens - 1
+    if n_pred < 1:
+        return []
+    first_end = min(seq_len, n_pred)
+    windows = [(0, 0, first_end)]
+    pos = first_end
+    while pos < n_pred:
+        end = min(pos + stride, n_pred)
+        windows.append((pos + stride - seq_len, pos, end))
+        pos = end
+    return windows
+
+
+def score_windows(model, tokens: torch.Tensor, windows, batch_seqs: int, byte_cum: torch.Tensor,
+                  acc: BpbAccumulator, per_token: PerTokenScores | None = None, inspect=None) -> None:
+    """Score windows in order, batch_seqs at a time, windows of the same length together; the last batch of
+    each length is padded to batch_seqs rows so that shapes stay fixed (compiled models)."""
+    i = 0
+    while i < len(windows):
+        length = windows[i][2] - windows[i][0]
+        j = i
+        while j < len(windows) and j - i < batch_seqs and windows[j][2] - windows[j][0] == length:
+            j += 1
+        batch = windows[i:j]
+        i = j
+        starts = torch.tensor([w[0] for w in batch] + [batch[0][0]] * (batch_seqs - len(batch)))
+        offsets = torch.tensor([w[1] - w[0] for w in batch] + [length] * (batch_seqs - len(batch)))
+        pos = starts[:, None] + torch.arange(length)[None]
+        mask = torch.arange(length)[None] >= offsets[:, None]
+        n_bytes = sum(int(byte_cum[w[2]] - byte_cum[w[1]]) for w in batch)
+        score_rows(model, tokens[pos], tokens[pos + 1], mask, acc, n_bytes, pos + 1, per_token, inspect)
+
+
+def evaluate_sliding(model, val_tokens: torch.Tensor, lut, seq_len: int, stride: int, batch_seqs: int,
+                     rank: int = 0, world_size: int = 1, return_per_token: bool = False, inspect=None) -> dict:
+    """Sliding-window val loss and bpb; windows split across ranks, under inference mode."""
+    check_eval_inputs(val_tokens, seq_len, batch_seqs)
+    t0 = time.perf_counter()
+    tokens = val_tokens.cpu().long()
+    windows = sliding_windows(tokens.numel(), seq_len, stride)
+    lo, hi = rank_span(len(windows), rank, world_size)
+    acc = BpbAccumulator(model_device(model))
+    per_token = PerTokenScores(tokens.numel()) if return_per_token else None
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        score_windows(model, tokens, windows[lo:hi], batch_seqs, stream_byte_cumsum(tokens, lut), acc,
+                      per_token, inspect)
+    model.train(was_training)
+    acc.all_reduce()
+    out = acc.result()
+    out["seconds"] = time.perf_counter() - t0
+    out["windows"] = len(windows)
+    if per_token is not None:
+        out.update(per_token.as_dict())
+    return out

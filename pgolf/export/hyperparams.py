@@ -1,0 +1,187 @@
+"""The generated tail of `train_gpt.py`: a `Hyperparameters` table with one environment variable per config
+field (the recipe's values as defaults) and the `main()` that runs `train_run` with it.
+
+Env names: the challenge's conventional name where one exists (NUM_LAYERS, MATRIX_LR, ITERATIONS, ...),
+else the upper-cased `SECTION_FIELD` (MODEL_XSA_LAST_N, QUANT_MATRIX_BITS, ...). Environment variables are
+the export interface only; inside the package the config tree rejects unknown keys.
+"""
+
+import dataclasses
+
+from pgolf.config import RunConfig
+from pgolf.errors import UserError
+
+# config key -> the env var the challenge's scripts use for it (records.md §1.2 and the later records).
+CONVENTIONAL_ENV_NAMES = {
+    "name": "RUN_ID",
+    "out_dir": "OUT_DIR",
+    "data.path": "DATA_PATH",
+    "data.tokenizer": "TOKENIZER_PATH",
+    "model.vocab_size": "VOCAB_SIZE",
+    "model.num_layers": "NUM_LAYERS",
+    "model.model_dim": "MODEL_DIM",
+    "model.num_heads": "NUM_HEADS",
+    "model.num_kv_heads": "NUM_KV_HEADS",
+    "model.mlp_mult": "MLP_MULT",
+    "model.rope_base": "ROPE_BASE",
+    "model.rope_dims": "ROPE_DIMS",
+    "model.qk_gain_init": "QK_GAIN_INIT",
+    "model.logit_softcap": "LOGIT_SOFTCAP",
+    "model.tie_embeddings": "TIE_EMBEDDINGS",
+    "model.tied_embed_init_std": "TIED_EMBED_INIT_STD",
+    "model.xsa_last_n": "XSA_LAST_N",
+    "model.ln_scale": "LN_SCALE",
+    "model.bigram_buckets": "BIGRAM_VOCAB_SIZE",
+    "model.bigram_dim": "BIGRAM_DIM",
+    "model.ve_dim": "VE_DIM",
+    "optim.matrix_lr": "MATRIX_LR",
+    "optim.scalar_lr": "SCALAR_LR",
+    "optim.embed_lr": "EMBED_LR",
+    "optim.tied_embed_lr": "TIED_EMBED_LR",
+    "optim.head_lr": "HEAD_LR",
+    "optim.muon_momentum": "MUON_MOMENTUM",
+    "optim.muon_momentum_warmup_start": "MUON_MOMENTUM_WARMUP_START",
+    "optim.muon_momentum_warmup_steps": "MUON_MOMENTUM_WARMUP_STEPS",
+    "optim.muon_ns_steps": "MUON_BACKEND_STEPS",
+    "optim.muon_wd": "MUON_WD",
+    "optim.adam_beta1": "BETA1",
+    "optim.adam_beta2": "BETA2",
+    "optim.adam_eps": "ADAM_EPS",
+    "optim.adam_wd": "ADAM_WD",
+    "optim.grad_clip": "GRAD_CLIP_NORM",
+    "train.seq_len": "TRAIN_SEQ_LEN",
+    "train.batch_tokens": "TRAIN_BATCH_TOKENS",
+    "train.wallclock_s": "MAX_WALLCLOCK_SECONDS",
+    "train.max_steps": "ITERATIONS",
+    "train.warmdown_iters": "WARMDOWN_ITERS",
+    "train.warmdown_frac": "WARMDOWN_FRAC",
+    "train.compile_warmup_steps": "WARMUP_STEPS",
+    "train.calib_reserve_s": "GPTQ_RESERVE_SECONDS",
+    "train.val_every": "VAL_LOSS_EVERY",
+    "train.log_every": "TRAIN_LOG_EVERY",
+    "train.seed": "SEED",
+    "quant.block_size": "GPTQ_BLOCK_SIZE",
+    "eval.sliding_stride": "EVAL_STRIDE",
+    "eval.ttt": "TTT_ENABLED",
+    "eval.ttt_lr": "TTT_LR",
+    "eval.ttt_epochs": "TTT_EPOCHS",
+}
+# Top-level RunConfig fields that are not settings of the run.
+FIXED_KEYS = ("recipe",)
+
+
+def config_leaves(cfg, prefix: str = ""):
+    """("section.field", value) for every scalar field of the config tree, in declaration order."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from config_leaves(value, key + ".")
+        elif key not in FIXED_KEYS:
+            yield key, value
+
+
+def env_name_for(key: str) -> str:
+    return CONVENTIONAL_ENV_NAMES.get(key) or key.replace(".", "_").upper()
+
+
+def env_table(cfg: RunConfig) -> list[tuple[str, str, object]]:
+    """(env var, config key, default) for every field; UserError if two fields would share an env var."""
+    table, seen = [], {}
+    for key, value in config_leaves(cfg):
+        name = env_name_for(key)
+        if name in seen:
+            raise UserError(f"env var {name} would set both {seen[name]} and {key}")
+        seen[name] = key
+        table.append((name, key, value))
+    return table
+
+
+def env_prefixes(table) -> tuple[str, ...]:
+    """Prefixes whose unknown env vars deserve a warning: each section's and each env name's first word."""
+    words = {name.split("_")[0] for name, _, _ in table if "_" in name}
+    words |= {key.split(".")[0].upper() for _, key, _ in table if "." in key}
+    return tuple(sorted(w + "_" for w in words if len(w) >= 3))
+
+
+def guard_lines(left_out: dict[str, str]) -> list[str]:
+    """run_config() checks that refuse a setting which needs a module the script was generated without."""
+    lines = []
+    for module, condition in sorted(left_out.items()):
+        if condition == "False":
+            continue
+        lines += [f"        if {condition}:",
+                  f"            raise ConfigError({(module + ' is not in this script (the recipe had it off); ')!r}",
+                  f"                              {'regenerate it with pgolf export and the setting on'!r})"]
+    return lines
+
+
+def hyperparameters_section(cfg: RunConfig, left_out: dict[str, str], train_run_takes_code_bytes: bool) -> str:
+    """Python source of the Hyperparameters class and main() for a script whose defaults are cfg."""
+    table = env_table(cfg)
+    fields = "\n".join(f"        ({name!r}, {key!r}, {value!r})," for name, key, value in table)
+    run_call = ("train_run(cfg, code_bytes=os.path.getsize(__file__))" if train_run_takes_code_bytes
+                else "train_run(cfg)")
+    stamp = "" if train_run_takes_code_bytes else "\n    stamp_script_code_bytes(cfg, record)"
+    guards = "".join(line + "\n" for line in guard_lines(left_out))
+    return f'''import os
+import sys
+from pathlib import Path
+
+
+class Hyperparameters:
+    """Every setting of the run, each read from one environment variable; defaults: recipe {cfg.recipe!r}."""
+
+    RECIPE = {cfg.recipe!r}
+    # (env var, config key, default)
+    FIELDS = (
+{fields}
+    )
+    PREFIXES = {env_prefixes(table)!r}
+
+    def __init__(self, environ=None):
+        environ = os.environ if environ is None else environ
+        self.values = {{}}
+        for env_name, key, default in self.FIELDS:
+            raw = environ.get(env_name)
+            self.values[key] = default if raw is None else coerce_value(env_name, raw, type(default))
+        known = {{name for name, _, _ in self.FIELDS}}
+        self.unknown = sorted(k for k in environ if k.startswith(self.PREFIXES) and k not in known)
+
+    def run_config(self):
+        cfg = RunConfig(recipe=self.RECIPE)
+        for key, value in self.values.items():
+            section, _, name = key.rpartition(".")
+            setattr(getattr(cfg, section) if section else cfg, name, value)
+        validate_config(cfg)
+{guards}        return cfg
+
+
+def stamp_script_code_bytes(cfg, record):
+    """Put this file's size (the code bytes that ship) into the run record when train_run could not."""
+    if os.environ.get("RANK", "0") != "0" or not record.get("run_id"):
+        return
+    sizes = record["bytes"]
+    sizes["code"] = os.path.getsize(__file__)
+    if sizes.get("artifact") is not None:
+        sizes["total"] = sizes["code"] + sizes["artifact"]
+        record["compliance"]["bytes_total"] = sizes["total"]
+    write_record(Path(cfg.out_dir) / record["run_id"], record)
+
+
+def main():
+    try:
+        hp = Hyperparameters()
+        if hp.unknown and os.environ.get("RANK", "0") == "0":
+            print("warning: ignoring unknown setting(s) " + ", ".join(hp.unknown), file=sys.stderr)
+        cfg = hp.run_config()
+        record = {run_call}
+    except UserError as e:
+        print(f"train_gpt.py: error: {{e}}", file=sys.stderr)
+        return 2{stamp}
+    return 0 if record.get("status") == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''

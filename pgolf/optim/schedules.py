@@ -1,0 +1,43 @@
+"""Learning-rate and Muon-momentum schedules: pure functions of the training progress.
+
+There is no LR warm-up. The LR scale is 1 until the warmdown, then falls linearly to 0:
+
+- with a wallclock cap (train.wallclock_s > 0), the budget is wallclock_s - calib_reserve_s (training stops
+  early to leave the GPTQ calibration reserve). The warmdown covers the last warmdown_frac of the budget
+  when warmdown_frac > 0, else the last warmdown_iters steps at the average step time so far
+  (elapsed_s / step), as the challenge baseline does; the scale reaches 0 at the end of the budget.
+- without a cap, the warmdown covers the last warmdown_iters of max_steps.
+"""
+
+from pgolf.config import OptimConfig, TrainConfig
+from pgolf.errors import UserError
+
+
+def lr_scale(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
+    """LR multiplier for the step about to run; step = optimizer steps done, elapsed_s = timed training
+    seconds spent on them."""
+    if cfg.wallclock_s <= 0:
+        if cfg.warmdown_iters <= 0:
+            return 1.0
+        remaining_steps = cfg.max_steps - step
+        return min(1.0, max(0.0, remaining_steps / cfg.warmdown_iters))
+    budget_s = cfg.wallclock_s - cfg.calib_reserve_s
+    if budget_s <= 0:
+        raise UserError(f"train.calib_reserve_s={cfg.calib_reserve_s} leaves no training time inside "
+                        f"train.wallclock_s={cfg.wallclock_s}")
+    remaining_s = max(0.0, budget_s - elapsed_s)
+    if cfg.warmdown_frac > 0:
+        warmdown_s = cfg.warmdown_frac * budget_s
+    else:
+        warmdown_s = cfg.warmdown_iters * (elapsed_s / max(step, 1))
+    if remaining_s >= warmdown_s:
+        return 1.0 if remaining_s > 0 else 0.0
+    return remaining_s / warmdown_s
+
+
+def muon_momentum_at(step: int, cfg: OptimConfig) -> float:
+    """Linear from muon_momentum_warmup_start to muon_momentum over muon_momentum_warmup_steps."""
+    if cfg.muon_momentum_warmup_steps <= 0:
+        return cfg.muon_momentum
+    frac = min(1.0, max(0.0, step / cfg.muon_momentum_warmup_steps))
+    return (1.0 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum

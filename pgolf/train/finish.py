@@ -1,0 +1,176 @@
+"""After training: the run record, the validation data, and `finish_run` (quantize, evaluate, record.json).
+
+`finish_run` is the one hook between training and the quant / eval concerns. Each step runs only when its
+module is in the package and the config enables it; a metric that was not computed stays null.
+"""
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from pgolf.config import RunConfig, config_hash, config_to_dict
+from pgolf.data.loader import load_val_tokens
+from pgolf.data.shards import FILE_AUDIT
+from pgolf.dist import DistEnv, barrier
+from pgolf.eval.bpb import evaluate_plain
+from pgolf.runlog import write_record
+from pgolf.train.clock import PhaseTimer
+
+RECORD_METRIC_KEYS = ("prequant_loss", "prequant_bpb", "roundtrip_loss", "roundtrip_bpb", "sliding_loss",
+                      "sliding_bpb", "ttt_loss", "ttt_bpb", "quant_delta")
+RECORD_TIMING_KEYS = ("compile_warmup_s", "train_loop_s", "calibration_s", "quantize_s", "serialize_s",
+                      "eval_plain_s", "eval_sliding_s", "eval_ttt_s")
+
+
+def new_record(cfg: RunConfig, env: dict, run_dir) -> dict:
+    """A run record with every field of docs/architecture.md present (null until computed)."""
+    return {
+        "run_id": Path(run_dir).name, "recipe": cfg.recipe, "config": config_to_dict(cfg),
+        "config_hash": config_hash(cfg), "seed": cfg.train.seed, "status": "failed", "env": env,
+        "train": {"steps": None, "ms_per_step": None, "tokens_per_s": None, "train_tokens": None,
+                  "stop_reason": None, "params": None},
+        "metrics": {k: None for k in RECORD_METRIC_KEYS},
+        "bytes": {"code": None, "artifact": None, "total": None, "cap": cfg.quant.size_cap},
+        "timings": {k: None for k in RECORD_TIMING_KEYS},
+        "compliance": {"train_plus_calibration_s": None, "eval_s": None, "bytes_total": None, "legality": {}},
+    }
+
+
+def module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def load_val_data(cfg: RunConfig, val_files, tokenizer_path, cache: dict) -> tuple[torch.Tensor, object]:
+    """Validation tokens (read inside FILE_AUDIT phase "eval") and the byte LUT, loaded once per run."""
+    if "tokens" not in cache:
+        import sentencepiece as spm
+
+        from pgolf.data.bytes import build_byte_luts
+
+        with FILE_AUDIT.phase("eval"):
+            cache["tokens"] = load_val_tokens(val_files, vocab_size=cfg.model.vocab_size)
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+        cache["lut"] = build_byte_luts(sp, cfg.model.vocab_size)
+    return cache["tokens"], cache["lut"]
+
+
+def eval_seq_len(cfg: RunConfig) -> int:
+    return cfg.eval.seq_len or cfg.train.seq_len
+
+
+def evaluate_prequant(model, cfg: RunConfig, val_files, tokenizer_path, denv, cache: dict) -> dict:
+    """evaluate_plain of the float model over the whole validation set."""
+    tokens, lut = load_val_data(cfg, val_files, tokenizer_path, cache)
+    with FILE_AUDIT.phase("eval"):
+        return evaluate_plain(model, tokens, lut, eval_seq_len(cfg), cfg.eval.batch_seqs, denv.rank,
+                              denv.world_size)
+
+
+def timed(timer: PhaseTimer, name: str, fn, *args, **kwargs):
+    with timer.phase(name):
+        return fn(*args, **kwargs)
+
+
+def run_code_bytes(cfg: RunConfig, run_dir: Path, code_bytes: int | None, is_main: bool) -> int | None:
+    """Bytes of the submission script: given by the exported script itself, else generated into the run dir."""
+    if code_bytes is not None:
+        return int(code_bytes)
+    if not module_exists("pgolf.export.amalgamate"):
+        return None
+    from pgolf.export.amalgamate import export_script
+
+    path = run_dir / "train_gpt.py"
+    if is_main:
+        export_script(cfg, path)
+    barrier()
+    return path.stat().st_size
+
+
+def quantize_and_roundtrip(cfg: RunConfig, model, hessians: dict, run_dir: Path, timer: PhaseTimer,
+                           record: dict, is_main: bool):
+    """export_artifact -> model.pgq on rank 0; returns a copy of the model holding the round-tripped weights."""
+    from pgolf.quant.artifact import read_artifact
+    from pgolf.quant.pipeline import export_artifact
+
+    artifact = run_dir / "model.pgq"
+    code = record["bytes"]["code"] or 0
+    report = export_artifact(model, hessians or None, cfg.quant, artifact, code) if is_main else None
+    barrier()
+    if report is not None:
+        record["timings"]["quantize_s"] = report["timings"]["quantize_s"]
+        record["timings"]["serialize_s"] = report["timings"]["serialize_s"]
+        record["bytes"]["artifact"] = report["bytes"]["artifact"]
+        record["quant"] = {"warnings": report.get("warnings", []), "fit": report.get("fit"),
+                           "sections": report.get("sections")}
+    quantized = copy.deepcopy(model)
+    restored = read_artifact(artifact)
+    current = quantized.state_dict()
+    quantized.load_state_dict({k: v.to(dtype=current[k].dtype, device=current[k].device)
+                               for k, v in restored.items() if k in current}, strict=False)
+    return quantized
+
+
+def finish_run(cfg: RunConfig, model, hessians: dict, run_dir, env: dict, timer: PhaseTimer, record: dict,
+               *, denv=None, val_files=None, tokenizer_path=None, val_cache=None, final_eval: bool = True,
+               code_bytes: int | None = None) -> dict:
+    """Quantize (when cfg.quant.enabled and the quant pipeline exists), evaluate the round-tripped model
+    (plain, sliding, TTT as configured), fill record metrics / bytes / timings / compliance, write record.json."""
+    denv = denv or DistEnv()
+    run_dir = Path(run_dir)
+    val_cache = {} if val_cache is None else val_cache
+    metrics = record["metrics"]
+    eval_model = model
+    if cfg.quant.enabled:
+        record["bytes"]["code"] = run_code_bytes(cfg, run_dir, code_bytes, denv.is_main)
+    if cfg.quant.enabled and module_exists("pgolf.quant.pipeline"):
+        eval_model = quantize_and_roundtrip(cfg, model, hessians, run_dir, timer, record, denv.is_main)
+        res = timed(timer, "eval_roundtrip", evaluate_prequant, eval_model, cfg, val_files, tokenizer_path, denv,
+                    val_cache)
+        metrics["roundtrip_loss"], metrics["roundtrip_bpb"] = res["val_loss"], res["val_bpb"]
+        if metrics["prequant_bpb"] is not None:
+            metrics["quant_delta"] = res["val_bpb"] - metrics["prequant_bpb"]
+    if final_eval and cfg.eval.sliding_stride > 0 and module_exists("pgolf.eval.sliding"):
+        from pgolf.eval.sliding import evaluate_sliding
+
+        tokens, lut = load_val_data(cfg, val_files, tokenizer_path, val_cache)
+        with timer.phase("eval_sliding"), FILE_AUDIT.phase("eval"):
+            res = evaluate_sliding(eval_model, tokens, lut, eval_seq_len(cfg), cfg.eval.sliding_stride,
+                                   cfg.eval.batch_seqs, denv.rank, denv.world_size)
+        metrics["sliding_loss"], metrics["sliding_bpb"] = res["val_loss"], res["val_bpb"]
+    if final_eval and cfg.eval.ttt and module_exists("pgolf.eval.ttt"):
+        from pgolf.eval.ttt import evaluate_ttt
+
+        tokens, lut = load_val_data(cfg, val_files, tokenizer_path, val_cache)
+        with timer.phase("eval_ttt"), FILE_AUDIT.phase("eval"):
+            res = evaluate_ttt(copy.deepcopy(eval_model), tokens, lut, cfg.eval, eval_seq_len(cfg), denv.rank,
+                               denv.world_size)
+        metrics["ttt_loss"], metrics["ttt_bpb"] = res["val_loss"], res["val_bpb"]
+    fill_timings(record, timer)
+    record["status"] = "ok"
+    if denv.is_main:
+        write_record(run_dir, record)
+    return record
+
+
+def fill_timings(record: dict, timer: PhaseTimer) -> None:
+    """Copy the timer's receipt into the record's timings and compliance blocks."""
+    r = timer.receipt()
+    timings = record["timings"]
+    for phase in ("compile_warmup", "train_loop", "calibration", "eval_plain", "eval_sliding", "eval_ttt"):
+        if phase in r:
+            timings[f"{phase}_s"] = r[phase]
+    if "eval_roundtrip" in r:
+        timings["eval_roundtrip_s"] = r["eval_roundtrip"]
+    b = record["bytes"]
+    if b["artifact"] is not None and b["code"] is not None:
+        b["total"] = b["artifact"] + b["code"]
+    c = record["compliance"]
+    c["train_plus_calibration_s"] = r.get("train_loop", 0.0) + r.get("calibration", 0.0)
+    eval_keys = ("eval_roundtrip", "eval_sliding", "eval_ttt")
+    c["eval_s"] = sum(r.get(k, 0.0) for k in eval_keys) if any(k in r for k in eval_keys) else None
+    c["bytes_total"] = b["total"]

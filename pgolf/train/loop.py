@@ -1,0 +1,411 @@
+"""`train_run`: one run from config to run record, read top to bottom.
+
+Phases: set-up (untimed) -> compile warm-up (untimed; model, optimizer and data are then reset) -> the timed
+training loop (validation and checkpoints pause its clock) -> calibration (timed: it counts against the
+wallclock with the loop) -> averaged weights swapped in -> pre-quant validation -> float weights saved ->
+`finish_run` (quantize, evaluate, record.json).
+
+Every decision that must agree across ranks (LR scale, recurrence, QAT, stop, checkpoint, NaN) is taken from
+numbers all-reduced with MAX once a step, so every rank takes the same branch on the same step.
+"""
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pgolf.config import RunConfig, config_from_dict, config_hash, validate_config
+from pgolf.data.loader import TrainTokenStream
+from pgolf.data.shards import FILE_AUDIT, list_shards
+from pgolf.dist import (
+    DistEnv,
+    all_reduce_max_many,
+    all_reduce_mean,
+    all_reduce_tensors_mean,
+    barrier,
+    broadcast_text,
+    destroy_distributed,
+    init_distributed,
+    is_dist_active,
+)
+from pgolf.errors import UserError
+from pgolf.model.gpt import GPT
+from pgolf.optim.builder import broadcast_parameters, build_optimizers
+from pgolf.optim.schedules import lr_scale, muon_momentum_at
+from pgolf.runlog import MetricsWriter, env_fingerprint, make_run_dir, write_record, write_run_header
+from pgolf.tensorfile import write_tensors
+from pgolf.train.averaging import build_averagers, swap_in_averaged
+from pgolf.train.checkpoint import (
+    find_latest_checkpoint,
+    load_checkpoint,
+    mark_checkpoint_complete,
+    model_tensors,
+    restore_rng_state,
+    save_checkpoint,
+)
+from pgolf.train.clock import PhaseTimer
+from pgolf.train.finish import evaluate_prequant, finish_run, new_record
+from pgolf.train.progress import ProgressLine
+from pgolf.train.qat import qat_due, set_qat_from_config
+
+
+@dataclass
+class TrainState:
+    """What moves during the timed loop (and is saved in checkpoints)."""
+    step: int = 0
+    train_tokens: int = 0
+    elapsed_s: float = 0.0  # timed training seconds, all-reduced MAX over ranks
+    last_checkpoint_s: float = 0.0
+    recurrence_on: bool = False
+    qat_on: bool = False
+    stop_reason: str = ""
+    last_loss: float = float("nan")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_data_files(cfg: RunConfig) -> tuple[list[Path], list[Path], Path]:
+    """Train shards, val shards and the tokenizer of cfg.data (UserError naming what is missing)."""
+    folder = Path(cfg.data.path)
+    if not folder.is_dir():
+        raise UserError(f"data.path={str(folder)!r} is not a folder")
+    train_files = list_shards(folder, cfg.data.train_pattern)
+    val_files = list_shards(folder, cfg.data.val_pattern)
+    if cfg.data.tokenizer:
+        tokenizer = Path(cfg.data.tokenizer)
+        if not tokenizer.is_file():
+            raise UserError(f"data.tokenizer={str(tokenizer)!r} does not exist")
+    else:
+        models = sorted(folder.glob("*.model"))
+        if len(models) != 1:
+            raise UserError(f"{folder}: expected exactly one *.model tokenizer, found {len(models)}; "
+                            f"pass --tokenizer")
+        tokenizer = models[0]
+    return train_files, val_files, tokenizer
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """The model on its device (fp32 weights; bf16 comes from autocast on CUDA)."""
+    return GPT(cfg.model).to(device)
+
+
+def autocast_context(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def uses_recurrence(cfg: RunConfig) -> bool:
+    return cfg.model.recur_loops > 0
+
+
+def train_budget_s(cfg: RunConfig) -> float:
+    """Seconds of timed training before the stop (0 = no wallclock cap)."""
+    t = cfg.train
+    return max(t.wallclock_s - t.calib_reserve_s, 0.0) if t.wallclock_s > 0 else 0.0
+
+
+def progress_frac(cfg: RunConfig, state: TrainState) -> float:
+    """Share of the run done: of the time budget with a cap, of max_steps without."""
+    budget = train_budget_s(cfg)
+    if budget > 0:
+        return state.elapsed_s / budget
+    return state.step / max(cfg.train.max_steps, 1)
+
+
+def micro_batch_seqs(cfg: RunConfig, world_size: int) -> int:
+    t = cfg.train
+    per_micro = t.batch_tokens // (world_size * t.grad_accum)
+    if t.batch_tokens % (world_size * t.grad_accum * t.seq_len):
+        raise UserError(f"train.batch_tokens={t.batch_tokens} does not split into {world_size} ranks x "
+                        f"{t.grad_accum} micro-steps of whole {t.seq_len}-token sequences")
+    return per_micro // t.seq_len
+
+
+def train_step(step_model, opt, loader, cfg: RunConfig, device: torch.device) -> torch.Tensor:
+    """One optimizer step of grad_accum micro-steps; returns this rank's mean loss (a 0-dim tensor)."""
+    t = cfg.train
+    total = torch.zeros((), device=device)
+    for _ in range(t.grad_accum):
+        with FILE_AUDIT.phase("train"):
+            x, y = loader.next_batch(t.batch_tokens, t.seq_len, t.grad_accum)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast_context(device):
+            loss = step_model(x, y)
+        (loss / t.grad_accum).backward()
+        total += loss.detach().float()
+    opt.step(cfg.optim.grad_clip)
+    opt.zero_grad()
+    return total / t.grad_accum
+
+
+def compile_warmup(step_model, model, opt, loader, cfg: RunConfig, device: torch.device) -> None:
+    """Real steps that prime compilation of every graph the timed loop will run (recurrence, QAT)."""
+    n = cfg.train.compile_warmup_steps
+    for i in range(n):
+        if uses_recurrence(cfg):
+            model.set_recurrence(i >= n // 2)
+        set_qat_from_config(model, cfg.train.qat_start_scale > 0 and i == n - 1, cfg.quant)
+        train_step(step_model, opt, loader, cfg, device)
+
+
+def open_run_dir(cfg: RunConfig, resume: str | None, denv: DistEnv) -> Path:
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "config.json").is_file():
+            raise UserError(f"--resume {resume}: not a run directory (no config.json)")
+        return run_dir
+    name = make_run_dir(cfg).name if denv.is_main else ""
+    name = broadcast_text(name)
+    return Path(cfg.out_dir) / name
+
+
+def load_run_config(run_dir) -> RunConfig:
+    """The resolved RunConfig saved in a run directory (for --resume)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.json)")
+    return config_from_dict(json.loads(path.read_text()))
+
+
+def checkpoint_now(run_dir, state: TrainState, model, opt, loader, ema, swa, denv: DistEnv) -> None:
+    averagers = {}
+    if ema is not None:
+        averagers.update(ema.state_tensors())
+    if swa is not None:
+        averagers.update(swa.state_tensors())
+    scalars = {"step": state.step, "train_tokens": state.train_tokens, "elapsed_s": state.elapsed_s,
+               "recurrence_on": state.recurrence_on, "qat_on": state.qat_on}
+    folder = save_checkpoint(run_dir, state.step, denv.rank, model, opt.state_dict(), loader.state_dict(),
+                             averagers, scalars)
+    barrier()
+    if denv.is_main:
+        mark_checkpoint_complete(folder, denv.world_size)
+    barrier()
+
+
+def restore_checkpoint(run_dir, state: TrainState, model, opt, loader, ema, swa, cfg: RunConfig,
+                       denv: DistEnv) -> Path:
+    folder = find_latest_checkpoint(run_dir)
+    if folder is None:
+        raise UserError(f"--resume {run_dir}: no complete checkpoint in {Path(run_dir) / 'checkpoint'}")
+    tensors, meta = load_checkpoint(folder, denv.rank, denv.world_size)
+    model.load_state_dict(model_tensors(tensors), strict=False)
+    opt.load_state_dict(meta["optimizer"])
+    loader.load_state_dict(meta["loader"])
+    if ema is not None:
+        ema.load_state_tensors(tensors)
+    if swa is not None:
+        swa.load_state_tensors(tensors)
+    s = meta["scalars"]
+    state.step, state.train_tokens = int(s["step"]), int(s["train_tokens"])
+    state.elapsed_s = state.last_checkpoint_s = float(s["elapsed_s"])
+    state.recurrence_on, state.qat_on = bool(s["recurrence_on"]), bool(s["qat_on"])
+    if uses_recurrence(cfg):
+        model.set_recurrence(state.recurrence_on)
+    set_qat_from_config(model, state.qat_on, cfg.quant)
+    restore_rng_state(meta["rng"])
+    return folder
+
+
+def train_run(cfg: RunConfig, resume: str | None = None, clock=None, sinks=(), final_eval: bool = True,
+              code_bytes: int | None = None) -> dict:
+    """Train one run and write its run directory; returns the run record (status "ok" or "nan").
+
+    `clock` replaces time.perf_counter (tests); `sinks` get every metrics line; final_eval=False skips the
+    sliding-window and TTT evaluations; code_bytes is the submission script's size when the exported
+    script runs itself (None: generate the script into the run directory when pgolf.export is there)."""
+    validate_config(cfg)
+    owned = not is_dist_active()
+    denv = init_distributed(cfg.train.device)
+    try:
+        return _train_run(cfg, resume, denv, clock or time.perf_counter, sinks, final_eval, code_bytes)
+    finally:
+        if owned:
+            destroy_distributed()
+
+
+def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, final_eval: bool,
+               code_bytes: int | None) -> dict:
+    t, device, main = cfg.train, denv.device, denv.is_main
+    timer = PhaseTimer(clock=clock)
+    seqs_per_micro = micro_batch_seqs(cfg, denv.world_size)
+
+    # --- run directory, fingerprint (hashing happens here, outside every timed phase)
+    train_files, val_files, tokenizer_path = resolve_data_files(cfg)
+    run_dir = open_run_dir(cfg, resume, denv)
+    env = env_fingerprint(train_files, val_files, tokenizer_path) if main else {}
+    if main and not resume:
+        write_run_header(run_dir, cfg, env)
+    writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=main)
+    writer.sinks.extend(sinks)
+    progress = ProgressLine(enabled=main, every=t.log_every)
+    record = new_record(cfg, env, run_dir)
+
+    # --- model, optimizer, data
+    seed_everything(t.seed)
+    model = build_model(cfg, device)
+    broadcast_parameters(model)
+    initial_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    step_model = torch.compile(model) if t.compile else model
+    opt = build_optimizers(model, cfg.optim, denv.rank, denv.world_size)
+    loader = TrainTokenStream(train_files, denv.rank, denv.world_size, vocab_size=cfg.model.vocab_size)
+    n_params = sum(p.numel() for p in model.parameters())
+    progress.message(f"run {run_dir}  params {n_params:,}  world {denv.world_size}  device {device}  "
+                     f"{seqs_per_micro} seqs x {t.seq_len} per micro-step, grad_accum {t.grad_accum}")
+
+    # --- compile warm-up (untimed), then a full reset: it must not leak into the run
+    if t.compile_warmup_steps > 0:
+        with timer.phase("compile_warmup"):
+            compile_warmup(step_model, model, opt, loader, cfg, device)
+        model.load_state_dict(initial_weights)
+        if uses_recurrence(cfg):
+            model.set_recurrence(False)
+        set_qat_from_config(model, False, cfg.quant)
+        opt = build_optimizers(model, cfg.optim, denv.rank, denv.world_size)
+        loader = TrainTokenStream(train_files, denv.rank, denv.world_size, vocab_size=cfg.model.vocab_size)
+        seed_everything(t.seed)
+    del initial_weights
+    ema, swa = build_averagers(model, t)
+    state = TrainState()
+    if resume:
+        folder = restore_checkpoint(run_dir, state, model, opt, loader, ema, swa, cfg, denv)
+        timer.add("train_loop", state.elapsed_s)
+        writer.write("event", step=state.step, what="resume", checkpoint=str(folder))
+        progress.message(f"resumed from {folder} at step {state.step} ({state.elapsed_s:.1f}s trained)")
+
+    # --- the timed loop
+    budget = train_budget_s(cfg)
+    val_cache: dict = {}
+    timer.start("train_loop")
+    while True:
+        scale = lr_scale(state.step, state.elapsed_s, t)
+        opt.set_lr_scale(scale)
+        opt.set_muon_momentum(muon_momentum_at(state.step, cfg.optim))
+        if uses_recurrence(cfg) and not state.recurrence_on and progress_frac(cfg, state) >= cfg.model.recur_start_frac:
+            state.recurrence_on = True
+            model.set_recurrence(True)
+            writer.write("event", step=state.step, what="recurrence_on", time_s=state.elapsed_s)
+        if not state.qat_on and qat_due(scale, t):
+            state.qat_on = True
+            set_qat_from_config(model, True, cfg.quant)
+            writer.write("event", step=state.step, what="qat_on", time_s=state.elapsed_s, lr_scale=scale)
+
+        step_start = timer.elapsed("train_loop")
+        loss = train_step(step_model, opt, loader, cfg, device)
+        state.step += 1
+        state.train_tokens += t.batch_tokens
+        if ema is not None:
+            ema.update(model)
+        if swa is not None:
+            swa.maybe_update(model, state.step, scale)
+
+        # one MAX all-reduce a step: [elapsed, non-finite loss]
+        timer.sync()
+        loss_value = float(loss.item())
+        elapsed, bad = all_reduce_max_many([timer.elapsed("train_loop"), 0.0 if math.isfinite(loss_value) else 1.0])
+        state.elapsed_s, state.last_loss = elapsed, loss_value
+        step_ms = 1000.0 * (timer.elapsed("train_loop") - step_start)
+        if bad:
+            state.stop_reason = "nan"
+            writer.write("event", step=state.step, what="nan", loss=loss_value, time_s=elapsed)
+            progress.message(f"stopping: non-finite training loss ({loss_value}) at step {state.step}")
+            break
+        if state.step % max(t.log_every, 1) == 0 or state.step == 1:
+            mean_loss = all_reduce_mean(loss_value)
+            writer.write("train", step=state.step, time_s=elapsed, loss=mean_loss, lr_scale=scale,
+                         tokens=state.train_tokens, tok_s=state.train_tokens / max(elapsed, 1e-9))
+        time_left = budget - elapsed if budget > 0 else None
+        progress.update(state.step, loss_value, t.batch_tokens / max(step_ms / 1000.0, 1e-9), step_ms, time_left)
+
+        if budget > 0 and elapsed >= budget:
+            state.stop_reason = "wallclock"
+        elif state.step >= t.max_steps:
+            state.stop_reason = "max_steps"
+        if t.val_every > 0 and state.step % t.val_every == 0 and not state.stop_reason:
+            with timer.paused("train_loop"):
+                res = evaluate_prequant(step_model, cfg, val_files, tokenizer_path, denv, val_cache)
+                writer.write("val", step=state.step, time_s=elapsed, val_loss=res["val_loss"],
+                             val_bpb=res["val_bpb"])
+                progress.message(f"step {state.step}  val_loss {res['val_loss']:.4f}  val_bpb {res['val_bpb']:.4f}")
+        if state.stop_reason:
+            break
+        if t.checkpoint_every_s > 0 and elapsed - state.last_checkpoint_s >= t.checkpoint_every_s:
+            with timer.paused("train_loop"):
+                checkpoint_now(run_dir, state, model, opt, loader, ema, swa, denv)
+            state.last_checkpoint_s = elapsed
+    timer.stop("train_loop")
+    progress.end()
+    writer.write("event", step=state.step, what="stop", reason=state.stop_reason, time_s=state.elapsed_s)
+    record["train"] = {
+        "steps": state.step, "ms_per_step": 1000.0 * state.elapsed_s / max(state.step, 1),
+        "tokens_per_s": state.train_tokens / max(state.elapsed_s, 1e-9), "train_tokens": state.train_tokens,
+        "stop_reason": state.stop_reason, "params": n_params,
+    }
+    if state.stop_reason == "nan":
+        record["status"] = "nan"
+        record["timings"].update(timer_seconds(timer))
+        if main:
+            write_record(run_dir, record)
+        writer.close()
+        return record
+
+    # --- averaged weights in, then calibration (timed: it counts against the wallclock budget)
+    record["train"]["averaged"] = swap_in_averaged(model, ema, swa)
+    set_qat_from_config(model, False, cfg.quant)
+    hessians = collect_calibration(model, loader, cfg, device, timer, denv)
+
+    # --- pre-quant validation of the float model, float weights saved
+    with timer.phase("eval_plain"):
+        res = evaluate_prequant(step_model, cfg, val_files, tokenizer_path, denv, val_cache)
+    record["metrics"]["prequant_loss"], record["metrics"]["prequant_bpb"] = res["val_loss"], res["val_bpb"]
+    writer.write("val", step=state.step, time_s=state.elapsed_s, val_loss=res["val_loss"], val_bpb=res["val_bpb"])
+    progress.message(f"pre-quant  val_loss {res['val_loss']:.4f}  val_bpb {res['val_bpb']:.4f}")
+    if main:
+        meta = {"config_hash": config_hash(cfg), "step": state.step, "averaged": record["train"]["averaged"]}
+        write_tensors(run_dir / "model.pgw", {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                                              for k, v in model.state_dict().items()}, meta)
+        if hessians:
+            write_tensors(run_dir / "hessians.pgw", hessians, {"batches": cfg.quant.calib_batches})
+    record = finish_run(cfg, model, hessians, run_dir, env, timer, record, denv=denv,
+                        val_files=val_files, tokenizer_path=tokenizer_path, val_cache=val_cache,
+                        final_eval=final_eval, code_bytes=code_bytes)
+    writer.close()
+    return record
+
+
+def collect_calibration(model, loader, cfg: RunConfig, device, timer: PhaseTimer, denv: DistEnv) -> dict:
+    """GPTQ Hessians from fresh training batches, read inside FILE_AUDIT phase "calibration" (timed)."""
+    q = cfg.quant
+    if not q.enabled or q.method != "gptq" or q.calib_batches <= 0:
+        return {}
+    from pgolf.quant.hessian import collect_hessians
+
+    t = cfg.train
+    with timer.phase("calibration"), FILE_AUDIT.phase("calibration"):
+        batches = []
+        for _ in range(q.calib_batches):
+            x, _ = loader.next_batch(t.batch_tokens, t.seq_len, t.grad_accum)
+            batches.append(x.to(device))
+        with autocast_context(device):
+            hessians = collect_hessians(model, batches)
+        hessians = {k: v.float() for k, v in hessians.items()}
+        all_reduce_tensors_mean(list(hessians.values()))
+    return {k: v.cpu() for k, v in hessians.items()}
+
+
+def timer_seconds(timer: PhaseTimer) -> dict:
+    r = timer.receipt()
+    return {"compile_warmup_s": r.get("compile_warmup"), "train_loop_s": r.get("train_loop"),
+            "calibration_s": r.get("calibration")}
+

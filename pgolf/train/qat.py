@@ -1,0 +1,43 @@
+"""Late QAT: switch fake quantization on in every CastedLinear once the LR scale drops low enough.
+
+The switch is each CastedLinear's `qat_on` buffer (a 0./1. tensor), filled in place: a torch.compile'd model
+reads the tensor at run time, so the change takes effect without a recompile. (The records' class-level
+Python flag was constant-folded by the compiler and the STE branch never ran.)
+"""
+
+import torch
+from torch import nn
+
+
+def casted_linears(model: nn.Module) -> list[nn.Module]:
+    """Every module with a `qat_on` buffer (the model's CastedLinear layers)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "qat_on", None), torch.Tensor)]
+
+
+@torch.no_grad()
+def set_qat(model: nn.Module, on: bool, bits: int | None = None, clip_k: float | None = None) -> int:
+    """Fill every CastedLinear's qat_on with 1./0.; set qat_bits / qat_clip_k when given. Returns the count.
+
+    A model with its own `set_qat` (GPT: the block matrices, the ones export quantizes at matrix_bits) decides
+    which layers take part; any other module gets every CastedLinear.
+    """
+    if hasattr(model, "set_qat"):
+        model.set_qat(on, bits=bits, clip_k=clip_k)
+        return sum(1 for m in casted_linears(model) if bool(m.qat_on.item()) == bool(on))
+    layers = casted_linears(model)
+    for m in layers:
+        m.qat_on.fill_(1.0 if on else 0.0)
+        if bits is not None:
+            m.qat_bits = int(bits)
+        if clip_k is not None:
+            m.qat_clip_k = float(clip_k)
+    return len(layers)
+
+
+def set_qat_from_config(model: nn.Module, on: bool, quant_cfg) -> int:
+    return set_qat(model, on, bits=quant_cfg.matrix_bits, clip_k=quant_cfg.sdclip_k)
+
+
+def qat_due(lr_scale: float, train_cfg) -> bool:
+    """Late QAT is on once the LR scale is below train.qat_start_scale (> 0)."""
+    return train_cfg.qat_start_scale > 0 and lr_scale < train_cfg.qat_start_scale

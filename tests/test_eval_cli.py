@@ -1,0 +1,64 @@
+"""`pgolf eval` and `pgolf check` end to end on a tiny GPT saved as model.pgw, with the challenge tokenizer."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import TOKENIZER_1024
+
+from pgolf.cli import main
+from pgolf.config import apply_overrides, config_to_dict
+from pgolf.data.shards import write_shard
+from pgolf.model.gpt import GPT
+from pgolf.recipes import recipe_tiny
+from pgolf.tensorfile import write_tensors
+
+pytestmark = pytest.mark.shared
+SETS = ["--set", "model.num_layers=2", "--set", "model.model_dim=32", "--set", "model.num_heads=2",
+        "--set", "model.num_kv_heads=1", "--set", "model.xsa_last_n=1", "--set", "model.rope_dims=8",
+        "--set", "model.bigram_buckets=64", "--set", "model.ve_dim=8", "--set", "model.bigram_dim=8",
+        "--set", "train.seq_len=32", "--set", "train.batch_tokens=256",
+        "--set", "eval.sliding_stride=8", "--set", "eval.ttt_chunk_tokens=64", "--set", "eval.batch_seqs=4",
+        "--set", "eval.ttt_batch_seqs=2"]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    import sentencepiece as spm
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copyfile(TOKENIZER_1024, data / TOKENIZER_1024.name)
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_1024))
+    ids = [sp.bos_id()] + sp.encode("The quick brown fox jumps over the lazy dog. " * 12)
+    write_shard(data / "fineweb_val_000000.bin", np.array(ids[:200], dtype=np.uint16))
+    cfg = recipe_tiny()
+    apply_overrides(cfg, SETS[1::2])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config_to_dict(cfg)))
+    torch.manual_seed(0)
+    write_tensors(run / "model.pgw", GPT(cfg.model).state_dict())
+    return run, data
+
+
+def test_eval_prints_and_writes_eval_json(run_dir, capsys):
+    run, data = run_dir
+    assert main(["eval", str(run / "model.pgw"), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "plain" in out and "sliding" in out and "ttt" in out
+    report = json.loads((run / "eval.json").read_text())
+    assert set(report["results"]) == {"plain", "sliding", "ttt"}
+    assert report["results"]["sliding"]["tokens"] == 199 and report["results"]["ttt"]["updates"] > 0
+
+
+def test_check_passes_a_real_model_and_fails_a_val_read_in_training(run_dir, capsys):
+    run, data = run_dir
+    assert main(["check", str(run), "--data", str(data), "--tokens", "129", "--method", "ttt"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 5 and "FAIL  " not in out and "== ttt" in out
+    (run / "file_audit.json").write_text(json.dumps([["train", str(data / "fineweb_val_000000.bin")]]))
+    assert main(["check", str(run), "--data", str(data), "--tokens", "129", "--method", "plain"]) == 1
+    assert "was opened in phase 'train'" in capsys.readouterr().out

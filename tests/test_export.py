@@ -1,0 +1,372 @@
+"""The exporter: amalgamation-friendliness of the package, the generated train_gpt.py, the submission folder,
+and the key check that the exported script trains bit for bit like the package."""
+
+import argparse
+import ast
+import dataclasses
+import hashlib
+import json
+import lzma
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pgolf.config import apply_overrides
+from pgolf.errors import UserError
+from pgolf.export.amalgamate import (
+    AmalgamationError,
+    ParsedModule,
+    amalgamate,
+    check_third_party,
+    check_unique_names,
+    drop_comments,
+    export_script,
+    module_manifest,
+    package_imports,
+    parse_module,
+    transform_module,
+    wrap_compressed,
+)
+from pgolf.recipes import RECIPES, get_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_1024 = REPO.parent / "shared" / "data" / "tokenizers" / "fineweb_1024_bpe.model"
+WIKI_DOCS = REPO.parent / "shared" / "data" / "wiki" / "docs_000.jsonl.xz"
+PYTHON = sys.executable
+ALLOWED_ROOTS = {"torch", "numpy", "sentencepiece", "zstandard", "brotli"}
+
+
+def all_package_modules() -> list[str]:
+    names = []
+    for path in sorted((REPO / "pgolf").rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def synthetic_module(name: str, source: str) -> ParsedModule:
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    return ParsedModule(name, Path(name.replace(".", "/") + ".py"), source, tree, parents)
+
+
+# ---- (a) the package is amalgamation-friendly
+
+IMPORT_PROBE = r"""
+import contextlib, io, json, os, sys, threading, traceback, importlib
+report = {}
+before_files = set(os.listdir("."))
+for name in sys.argv[1:]:
+    threads = threading.active_count()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            importlib.import_module(name)
+        problem = None
+    except Exception:
+        problem = traceback.format_exc(limit=2).strip().splitlines()[-1]
+    new_threads = threading.active_count() - threads
+    report[name] = {"error": problem, "printed": out.getvalue() + err.getvalue(), "threads": new_threads}
+report["__files__"] = sorted(set(os.listdir(".")) - before_files)
+print(json.dumps(report))
+"""
+
+
+def test_every_module_imports_without_side_effects(tmp_path):
+    """Importing each pgolf module does not fail, print, start threads, or write files."""
+    modules = all_package_modules()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+    proc = subprocess.run([PYTHON, "-c", IMPORT_PROBE, *modules], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report.pop("__files__") == []
+    assert sorted(os.listdir(home)) == []
+    problems = {name: r for name, r in report.items() if r["error"] or r["printed"] or r["threads"] > 0}
+    assert problems == {}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_manifest_names_are_unique_and_imports_resolve(recipe):
+    names, left_out = module_manifest(get_recipe(recipe))
+    assert names[0] == "pgolf.errors" and names[-1] == "pgolf.train.loop"
+    assert not any(n.startswith(("pgolf.export", "pgolf.experiments", "pgolf.cli")) for n in names)
+    check_unique_names([parse_module(n) for n in names])
+    for name in names:  # dependencies come first
+        for dep, lazy in package_imports(parse_module(name)):
+            if not lazy:
+                assert names.index(dep) < names.index(name), (dep, name)
+
+
+def test_top_level_names_are_unique_across_the_whole_package():
+    check_unique_names([parse_module(n) for n in all_package_modules()])
+
+
+def test_package_imports_are_absolute_and_by_name():
+    for name in all_package_modules():
+        package_imports(parse_module(name))  # raises on relative, `import pgolf.x`, or aliased imports
+
+
+def test_clash_detection_names_both_modules():
+    a = synthetic_module("pgolf.a", "import torch\nfrom torch import nn\nLIMIT = 3\ndef helper():\n    pass\n")
+    b = synthetic_module("pgolf.b", "import torch\nfrom torch import nn\ndef helper():\n    return 1\n")
+    check_unique_names([a, synthetic_module("pgolf.c", "import torch\nfrom torch import nn\n")])
+    with pytest.raises(AmalgamationError, match=r"'helper' in pgolf.a and pgolf.b"):
+        check_unique_names([a, b])
+    c = synthetic_module("pgolf.c", "from numpy import random as nn\n")
+    with pytest.raises(AmalgamationError, match="'nn'"):
+        check_unique_names([a, c])
+
+
+def test_bad_package_imports_are_refused():
+    for src in ("from .x import y\n", "import pgolf.config\n", "from pgolf.config import RunConfig as RC\n"):
+        with pytest.raises(AmalgamationError):
+            package_imports(synthetic_module("pgolf.m", src))
+
+
+def test_third_party_policy():
+    ok = synthetic_module("pgolf.m", "import numpy as np\nimport json\n\ndef f():\n    import zstandard\n"
+                                     "    try:\n        import wandb\n    except ImportError:\n        pass\n")
+    assert check_third_party([ok], "zlib") == {"required": ["numpy"], "optional": ["wandb", "zstandard"]}
+    assert check_third_party([ok], "zstd")["required"] == ["numpy", "zstandard"]
+    for src in ("import requests\n", "def f():\n    import scipy\n", "import brotli\n"):
+        with pytest.raises(AmalgamationError, match="may import only"):
+            check_third_party([synthetic_module("pgolf.m", src)], "zstd")
+
+
+def test_transform_strips_package_imports_docstrings_and_resolves_presence_checks():
+    src = ('"""Module doc."""\n\nimport math\n\nfrom pgolf.errors import UserError\n\n\n'
+           'class Oops(UserError):\n    """Only a docstring."""\n\n\n'
+           'def run(x):\n    """Doc."""\n    from pgolf.eval.ttt import evaluate_ttt\n\n'
+           '    if module_exists("pgolf.eval.ttt") and module_exists("pgolf.nope"):\n'
+           '        return evaluate_ttt(x)\n    return math.pi  # keep\n')
+    body, hoisted = transform_module(synthetic_module("pgolf.m", src), {"pgolf.eval.ttt"}, strip_docstrings=True)
+    assert [ast.unparse(h) for h in hoisted] == ["import math"]
+    assert "pgolf" not in body and '"""' not in body and "import" not in body
+    assert "class Oops(UserError):\n    pass" in body
+    assert "if True and False:" in body and "# keep" in body
+    ast.parse(body)
+    kept, _ = transform_module(synthetic_module("pgolf.m", src), set(), strip_docstrings=False)
+    assert '"""Doc."""' in kept and "if False and False:" in kept
+
+
+def test_drop_comments_leaves_strings_alone():
+    src = 'x = "a # not a comment"  # comment\n    # whole line\ny = """\n# in a string\n"""\n'
+    assert drop_comments(src) == 'x = "a # not a comment"\ny = """\n# in a string\n"""\n'
+
+
+# ---- (b) the generated script
+
+@pytest.fixture(scope="module")
+def tiny_script():
+    return amalgamate(get_recipe("tiny"))
+
+
+def test_generated_script_parses_and_imports_only_allowed_packages(tiny_script):
+    source, info = tiny_script
+    tree = ast.parse(source)
+    guarded = set()  # imports inside `try: ... except ImportError` are optional
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any("ImportError" in ast.unparse(h.type) for h in node.handlers if h.type):
+            guarded.update(n for stmt in node.body for n in ast.walk(stmt))
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and node not in guarded:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            roots.update(n.split(".")[0] for n in names)
+    assert "pgolf" not in roots and "pgolf" not in source.split("import")
+    assert roots - set(sys.stdlib_module_names) <= ALLOWED_ROOTS
+    assert "pgolf.eval.ttt" in info["modules"] and info["left_out"] == {"pgolf.export.amalgamate": "False"}
+    assert source.rstrip().endswith("sys.exit(main())")
+    wrapped = wrap_compressed(source)
+    assert len(wrapped) < len(source) and wrapped.count("\n") == 2
+    blob = ast.literal_eval(wrapped.split("b85decode(", 1)[1].split("),format", 1)[0])
+    import base64
+
+    decoded = lzma.decompress(base64.b85decode(blob), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
+    assert decoded.decode() == source
+
+
+def script_namespace(source: str) -> dict:
+    namespace = {"__name__": "train_gpt_under_test", "__file__": "train_gpt.py"}
+    exec(compile(source, "train_gpt.py", "exec"), namespace)
+    return namespace
+
+
+def test_hyperparameters_read_env_with_recipe_defaults(tiny_script):
+    ns = script_namespace(tiny_script[0])
+    hp_cls = ns["Hyperparameters"]
+    names = [f[0] for f in hp_cls.FIELDS]
+    assert len(names) == len(set(names))
+    for conventional in ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "VOCAB_SIZE",
+                         "TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS", "MAX_WALLCLOCK_SECONDS", "WARMDOWN_ITERS",
+                         "MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR", "MUON_MOMENTUM", "SEED", "DATA_PATH",
+                         "TOKENIZER_PATH", "ITERATIONS", "QUANT_MATRIX_BITS", "XSA_LAST_N"):
+        assert conventional in names, conventional
+    default_cfg = hp_cls(environ={}).run_config()
+    assert dataclasses.asdict(default_cfg) == dataclasses.asdict(get_recipe("tiny"))
+    hp = hp_cls(environ={"NUM_LAYERS": "3", "MATRIX_LR": "0.01", "TIE_EMBEDDINGS": "0", "MODEL_NUM_LAYRS": "2",
+                         "PATH": "/bin"})
+    cfg = hp.run_config()
+    assert (cfg.model.num_layers, cfg.optim.matrix_lr, cfg.model.tie_embeddings) == (3, 0.01, False)
+    assert hp.unknown == ["MODEL_NUM_LAYRS"]
+    with pytest.raises(ns["ConfigError"], match="NUM_HEADS"):
+        hp_cls(environ={"NUM_HEADS": "eight"})
+
+
+def test_script_refuses_a_feature_it_was_generated_without():
+    source, info = amalgamate(get_recipe("baseline"))
+    assert "pgolf.eval.ttt" in info["left_out"] and "pgolf.eval.ttt" not in info["modules"]
+    ns = script_namespace(source)
+    hp_cls = ns["Hyperparameters"]
+    hp_cls(environ={}).run_config()
+    with pytest.raises(ns["ConfigError"], match="pgolf.eval.ttt"):
+        hp_cls(environ={"TTT_ENABLED": "1"}).run_config()
+
+
+def test_export_script_writes_the_smaller_form(tmp_path):
+    cfg = get_recipe("tiny")
+    auto = export_script(cfg, tmp_path / "a.py")
+    assert auto["form"] == "compressed" and auto["bytes"] == auto["compressed_bytes"] < auto["plain_bytes"]
+    plain = export_script(cfg, tmp_path / "p.py", compressed=False)
+    assert plain["bytes"] == plain["plain_bytes"] == (tmp_path / "p.py").stat().st_size
+    assert plain["plain_bytes"] == auto["plain_bytes"]
+    assert export_script(cfg, tmp_path / "d.py", compressed=False, strip_docstrings=False)["bytes"] > plain["bytes"]
+    assert export_script(cfg, tmp_path / "c.py", compressed=False, strip_comments=False)["bytes"] > plain["bytes"]
+
+
+# ---- the submission folder (from run records of the real schema)
+
+def fake_finished_run(run_dir: Path, cfg, seed: int, bpb: float, artifact: int) -> Path:
+    from pgolf.runlog import write_record
+    from pgolf.train.finish import new_record
+
+    run_dir.mkdir(parents=True)
+    cfg = apply_overrides(cfg, [f"train.seed={seed}"])
+    env = {"torch": "2.9.1+cu128", "cuda": "12.8", "gpu_name": "NVIDIA H100 80GB HBM3", "gpu_count": 8}
+    record = new_record(cfg, env, run_dir)
+    record["status"] = "ok"
+    record["metrics"].update(prequant_loss=2 * bpb, prequant_bpb=bpb, roundtrip_loss=2 * bpb + 0.01,
+                             roundtrip_bpb=bpb + 0.005)
+    record["train"].update(steps=7000, ms_per_step=85.0)
+    record["bytes"]["artifact"] = artifact
+    record["compliance"].update(train_plus_calibration_s=598.0, eval_s=120.0)
+    write_record(run_dir, record)
+    (run_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 6.9}\n')
+    return run_dir
+
+
+def test_export_command_writes_a_submission_folder(tmp_path):
+    from pgolf.export.commands import add_export_commands
+
+    cfg = get_recipe("baseline")
+    runs = [fake_finished_run(tmp_path / f"r{s}", cfg, s, bpb, art)
+            for s, bpb, art in ((1, 1.22, 15_800_000), (2, 1.23, 15_810_000), (3, 1.21, 15_790_000))]
+    base = [fake_finished_run(tmp_path / "base" / f"b{s}", cfg, s, bpb, 15_000_000)
+            for s, bpb in ((1, 1.40), (2, 1.41), (3, 1.39))]
+    parser = argparse.ArgumentParser()
+    add_export_commands(parser.add_subparsers())
+    out = tmp_path / "records" / "2026-05-01_Baseline"
+    args = parser.parse_args(["export", "--recipe", "baseline", "--out", str(out), "--runs", *map(str, runs),
+                              "--author", "me", "--name", "Baseline again", "--baseline-runs", *map(str, base)])
+    assert args.func(args) == 0
+    sub = json.loads((out / "submission.json").read_text())
+    code = (out / "train_gpt.py").stat().st_size
+    assert sub["bytes_code"] == code and sub["bytes_total"] == code + 15_810_000
+    assert sub["seeds"] == [1, 2, 3] and sub["score_stage"] == "roundtrip"
+    assert sub["val_bpb"] == pytest.approx((1.225 + 1.235 + 1.215) / 3)
+    assert sub["val_bpb_std"] == pytest.approx(0.01)
+    assert sub["seed_results"]["2"] == pytest.approx({"val_loss": 2.47, "val_bpb": 1.235,
+                                                      "artifact_bytes": 15_810_000, "steps": 7000,
+                                                      "step_avg_ms": 85.0})
+    assert sub["hardware"] == "8x NVIDIA H100 80GB HBM3" and sub["pytorch_version"] == "2.9.1+cu128"
+    assert sub["compliance"]["train_under_600s"] and sub["compliance"]["three_seeds"]
+    for key in ("author", "github_id", "name", "blurb", "date", "val_loss"):
+        assert key in sub
+    comp = sub["comparison"]
+    assert comp["delta_nats"] == pytest.approx(2 * 1.22 - 2 * 1.40)
+    assert comp["passes"] and comp["p_value"] < 0.01 and comp["same_tokenizer"]
+    assert "torch==2.9.1" in (out / "requirements.txt").read_text().split()
+    readme = (out / "README.md").read_text()
+    assert "| 2 | 2.47000 | 1.23500 | 15810000 | 7000 | 85.0 |" in readme and "95% CI" in readme
+    assert "passes the challenge rule" in readme
+    assert (out / "logs" / "seed3_r3" / "metrics.jsonl").is_file()
+
+
+def test_submission_refuses_runs_of_another_config(tmp_path):
+    from pgolf.export.submission import load_runs, write_submission
+
+    run = fake_finished_run(tmp_path / "r1", get_recipe("baseline"), 1, 1.22, 15_800_000)
+    cfg = apply_overrides(get_recipe("baseline"), ["model.num_layers=10"])
+    with pytest.raises(UserError, match="model.num_layers"):
+        write_submission(cfg, tmp_path / "out", load_runs([run]))
+
+
+# ---- (c) the exported script trains exactly like the package
+
+def build_tiny_shards(folder: Path) -> Path:
+    from pgolf.data.build import build_split_shards
+
+    docs = folder / "docs.jsonl"
+    with lzma.open(WIKI_DOCS, "rt") as f, open(docs, "w") as out:
+        for _, line in zip(range(24), f, strict=False):
+            out.write(json.dumps({"text": json.loads(line)["text"][:1500]}) + "\n")
+    build_split_shards([docs], TOKENIZER_1024, val_docs=4, out_dir=folder / "data", workers=1, progress=False)
+    return folder / "data"
+
+
+TEST_OVERRIDES = {"train.max_steps": ("ITERATIONS", "3"), "train.log_every": ("TRAIN_LOG_EVERY", "1"),
+                  "train.batch_tokens": ("TRAIN_BATCH_TOKENS", "2048"),
+                  "quant.calib_batches": ("QUANT_CALIB_BATCHES", "2"), "quant.codec": ("QUANT_CODEC", "zlib")}
+
+PACKAGE_RUN = """
+import sys
+from pgolf.config import apply_overrides
+from pgolf.recipes import get_recipe
+from pgolf.train.loop import train_run
+record = train_run(apply_overrides(get_recipe("tiny"), sys.argv[1:]))
+sys.exit(0 if record["status"] == "ok" else 1)
+"""
+
+
+def run_files(run_dir: Path) -> tuple[list[float], str, dict]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if x["kind"] == "train"]
+    artifact = hashlib.sha256((run_dir / "model.pgq").read_bytes()).hexdigest()
+    return losses, artifact, json.loads((run_dir / "record.json").read_text())
+
+
+@pytest.mark.shared
+def test_exported_script_reproduces_the_package_bit_for_bit(tmp_path):
+    data = build_tiny_shards(tmp_path)
+    script = tmp_path / "sub" / "train_gpt.py"
+    info = export_script(get_recipe("tiny"), script)
+    assert info["form"] == "compressed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    overrides = [f"{k}={v}" for k, (_, v) in TEST_OVERRIDES.items()]
+    pkg = subprocess.Popen([PYTHON, "-c", PACKAGE_RUN, f"data.path={data}", f"out_dir={tmp_path / 'runs'}",
+                            "name=package", *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    script_env = {**env, "DATA_PATH": str(data), "OUT_DIR": str(tmp_path / "runs"), "RUN_ID": "script",
+                  **dict(TEST_OVERRIDES.values())}
+    poison = tmp_path / "poison" / "pgolf"  # an import of pgolf by the script would fail loudly
+    poison.mkdir(parents=True)
+    (poison / "__init__.py").write_text("raise ImportError('train_gpt.py must not import pgolf')\n")
+    script_env["PYTHONPATH"] = str(poison.parent)
+    scr = subprocess.run([PYTHON, script.name], cwd=script.parent, env=script_env, capture_output=True,
+                         text=True, timeout=300)
+    pkg_out = pkg.communicate(timeout=300)[0]
+    assert pkg.returncode == 0, pkg_out[-3000:]
+    assert scr.returncode == 0, (scr.stdout + scr.stderr)[-3000:]
+    pkg_losses, pkg_artifact, pkg_record = run_files(tmp_path / "runs" / "package")
+    scr_losses, scr_artifact, scr_record = run_files(tmp_path / "runs" / "script")
+    assert len(pkg_losses) == 3
+    assert scr_losses == pkg_losses
+    assert scr_artifact == pkg_artifact
+    assert scr_record["metrics"] == pkg_record["metrics"]
+    assert scr_record["bytes"]["code"] == script.stat().st_size
