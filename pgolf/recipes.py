@@ -117,7 +117,8 @@ def apply_proxy(cfg: RunConfig, seconds: float = 300.0, shrink: int = 8) -> RunC
         raise ConfigError(f"train.batch_tokens={t.batch_tokens} does not split into {shrink} parts of whole sequences")
     t.batch_tokens //= shrink
     t.grad_accum = 1
-    t.warmdown_iters = round(t.warmdown_iters * seconds / max(t.wallclock_s, 1e-9)) if t.wallclock_s else t.warmdown_iters
+    if t.wallclock_s:
+        t.warmdown_iters = round(t.warmdown_iters * seconds / t.wallclock_s)
     t.wallclock_s = seconds
     validate_config(cfg)
     return cfg

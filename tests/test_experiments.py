@@ -6,8 +6,8 @@ import json
 import math
 
 import pytest
-from scipy import stats as sps
 from fake_train import write_fake_run
+from scipy import stats as sps
 
 from pgolf.errors import UserError
 from pgolf.experiments.commands import add_experiments_commands

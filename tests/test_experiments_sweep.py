@@ -141,7 +141,8 @@ def test_sigkill_mid_sweep_then_resume_loses_and_duplicates_nothing(tmp_path):
     names = [r.name for r in expand_sweep(sweep_spec_from_dict(raw))]
     rows = query_runs(out / "results.sqlite")
     assert sorted(r["run_id"] for r in rows) == sorted(names)  # each run exactly once in the DB
-    assert sorted(d.name for d in out.glob("*_s*") if not d.name.startswith("_")) == sorted(names)  # and exactly once on disk
+    on_disk = sorted(d.name for d in out.glob("*_s*") if not d.name.startswith("_"))
+    assert on_disk == sorted(names)  # and exactly once on disk
     assert all(r["status"] == "ok" and r["sweep"] == "lr" for r in rows)
     for name, mtime in finished_before.items():  # runs that had finished were kept, not rerun
         assert (out / name / "record.json").stat().st_mtime_ns == mtime

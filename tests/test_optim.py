@@ -4,6 +4,7 @@ torch.optim.AdamW, group coverage, clipping, exact resume, schedules, and a 2-pr
 import copy
 import math
 import os
+import tempfile
 from types import SimpleNamespace
 
 import pytest
@@ -395,14 +396,16 @@ def dist_worker(rank: int, world_size: int, out_dir: str, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
-def test_two_process_sharded_step_equals_single_process(tmp_path, backend):
+def test_two_process_sharded_step_equals_single_process(backend):
     if backend == "nccl" and torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs")
     # NCCL runs on the GPU, where Newton-Schulz runs in bfloat16: compare to the float32 CPU run loosely.
     atol = 1e-5 if backend == "gloo" else 5e-3
-    mp.spawn(dist_worker, args=(2, str(tmp_path), backend), nprocs=2, join=True)
-    r0, _ = read_tensors(tmp_path / "rank0.pgt")
-    r1, _ = read_tensors(tmp_path / "rank1.pgt")
+    # A private folder, not tmp_path: concurrent pytest runs of the same user prune each other's basetemp.
+    with tempfile.TemporaryDirectory(prefix="pgolf-optim-dist-") as out_dir:
+        mp.spawn(dist_worker, args=(2, out_dir, backend), nprocs=2, join=True)
+        r0, _ = read_tensors(os.path.join(out_dir, "rank0.pgt"))
+        r1, _ = read_tensors(os.path.join(out_dir, "rank1.pgt"))
 
     torch.manual_seed(100)  # rank 0's init, which the broadcast gave both ranks
     model = TinyNet(tie_embeddings=False)

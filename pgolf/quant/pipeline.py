@@ -94,8 +94,11 @@ def export_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, pat
     budget = cfg.size_cap - int(code_bytes)
     if len(blob) > budget and cfg.fit_to_budget:
         plan = {s["name"]: (s["layout"], s["method"]) for s in sections}
-        qm, fit = fit_to_budget(qm, hessians, budget, lambda m: len(encode_artifact(m, codecs, plan)[0]))
-        blob, sections = encode_artifact(qm, codecs, plan)
+        try:
+            qm, fit = fit_to_budget(qm, hessians, budget, lambda m: len(encode_artifact(m, codecs, plan)[0]))
+            blob, sections = encode_artifact(qm, codecs, plan)
+        except UserError as e:  # cannot fit: keep the artifact, the size report says it is over the cap
+            fit = {"fitted": False, "reason": str(e)}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(blob)

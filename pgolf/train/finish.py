@@ -13,8 +13,10 @@ import torch
 from pgolf.config import RunConfig, config_hash, config_to_dict
 from pgolf.data.loader import load_val_tokens
 from pgolf.data.shards import FILE_AUDIT
-from pgolf.dist import DistEnv, barrier
+from pgolf.dist import DistEnv, barrier, print0
 from pgolf.eval.bpb import evaluate_plain
+from pgolf.eval.legality import check_val_not_opened
+from pgolf.eval.receipts import compliance_summary, format_compliance_table, format_timing_receipt
 from pgolf.runlog import write_record
 from pgolf.train.clock import PhaseTimer
 
@@ -151,10 +153,26 @@ def finish_run(cfg: RunConfig, model, hessians: dict, run_dir, env: dict, timer:
                                denv.world_size)
         metrics["ttt_loss"], metrics["ttt_bpb"] = res["val_loss"], res["val_bpb"]
     fill_timings(record, timer)
+    fill_compliance(cfg, record)
     record["status"] = "ok"
     if denv.is_main:
         write_record(run_dir, record)
     return record
+
+
+def fill_compliance(cfg: RunConfig, record: dict) -> None:
+    """The compliance summary (budgets, bytes, the file-audit legality check) into the record; printed on rank 0.
+
+    The causality, normalization and score-before-update checks need extra forward passes: `pgolf check`
+    runs them on a finished run."""
+    audit = check_val_not_opened(FILE_AUDIT, cfg.data.val_pattern)
+    total = record["bytes"]["total"]
+    summary = compliance_summary(record["timings"], total if total is not None else 0, [audit],
+                                 train_cap_s=cfg.train.wallclock_s or 600.0, eval_cap_s=cfg.eval.time_budget_s,
+                                 size_cap=cfg.quant.size_cap)
+    record["compliance"].update(summary)
+    print0(format_timing_receipt({k: v for k, v in record["timings"].items() if v is not None}))
+    print0(format_compliance_table(summary))
 
 
 def fill_timings(record: dict, timer: PhaseTimer) -> None:
