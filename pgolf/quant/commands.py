@@ -49,7 +49,9 @@ def cmd_quant(args) -> int:
         print(f"warning: {line}")
     for method, reason in report["skipped_codecs"].items():
         print(f"skipped {method}: {reason}")
-    if report["fit"] and report["fit"]["pruned"]:
+    if report["fit"] and report["fit"].get("fitted") is False:
+        print(f"does not fit: {report['fit']['reason']}")
+    elif report["fit"] and report["fit"]["pruned"]:
         f = report["fit"]
         print(f"fit to budget: pruned {f['pruned']:,} of {f['candidates']:,} ±1 values in {f['steps']} steps, "
               f"{f['bytes_before']:,} -> {f['bytes_after']:,} B")
