@@ -146,3 +146,11 @@ def test_sigkill_mid_sweep_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert all(r["status"] == "ok" and r["sweep"] == "lr" for r in rows)
     for name, mtime in finished_before.items():  # runs that had finished were kept, not rerun
         assert (out / name / "record.json").stat().st_mtime_ns == mtime
+
+
+def test_the_repository_sweep_specs_expand():
+    specs = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.toml"))
+    assert specs, "the repository ships sweep specs"
+    for path in specs:
+        runs = expand_sweep(load_sweep_spec(path))
+        assert len({r.name for r in runs}) == len(runs) > 0

@@ -89,3 +89,18 @@ def train_tokenizer_from_docs(doc_files, vocab_size: int, out_model, max_docs: i
                               **overrides) -> Path:
     """Train on the "text" of JSONL documents (plain or compressed), in file order."""
     return train_sentencepiece_bpe(iter_documents(doc_files), vocab_size, out_model, max_docs, **overrides)
+
+
+def resolve_tokenizer_path(data_cfg) -> Path:
+    """The tokenizer of a DataConfig: `tokenizer` when set, else the single *.model file inside `path`."""
+    if data_cfg.tokenizer:
+        tokenizer = Path(data_cfg.tokenizer)
+        if not tokenizer.is_file():
+            raise UserError(f"data.tokenizer={str(tokenizer)!r} does not exist")
+        return tokenizer
+    folder = Path(data_cfg.path)
+    models = sorted(folder.glob("*.model"))
+    if len(models) != 1:
+        raise UserError(f"{folder}: expected exactly one *.model tokenizer, found {len(models)}; "
+                        f"set data.tokenizer (or pass --tokenizer)")
+    return models[0]

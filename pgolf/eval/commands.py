@@ -77,19 +77,13 @@ def eval_load_data(cfg: RunConfig, max_tokens: int):
     from pgolf.data.bytes import build_byte_luts
     from pgolf.data.loader import load_val_tokens
     from pgolf.data.shards import FILE_AUDIT, list_shards
+    from pgolf.data.tokenizer import resolve_tokenizer_path
 
     folder = Path(cfg.data.path)
     if not folder.is_dir():
         raise UserError(f"data folder {str(folder)!r} does not exist")
     val_files = list_shards(folder, cfg.data.val_pattern)
-    if cfg.data.tokenizer:
-        tokenizer = Path(cfg.data.tokenizer)
-    else:
-        models = sorted(folder.glob("*.model"))
-        if len(models) != 1:
-            raise UserError(f"{folder}: expected exactly one *.model tokenizer, found {len(models)}; "
-                            f"set data.tokenizer")
-        tokenizer = models[0]
+    tokenizer = resolve_tokenizer_path(cfg.data)
     with FILE_AUDIT.phase("eval"):
         tokens = load_val_tokens(val_files, vocab_size=cfg.model.vocab_size)
     if max_tokens > 0:

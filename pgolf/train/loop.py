@@ -23,6 +23,7 @@ import torch
 from pgolf.config import RunConfig, config_from_dict, config_hash, validate_config
 from pgolf.data.loader import TrainTokenStream
 from pgolf.data.shards import FILE_AUDIT, list_shards
+from pgolf.data.tokenizer import resolve_tokenizer_path
 from pgolf.dist import (
     DistEnv,
     all_reduce_max_many,
@@ -81,17 +82,7 @@ def resolve_data_files(cfg: RunConfig) -> tuple[list[Path], list[Path], Path]:
         raise UserError(f"data.path={str(folder)!r} is not a folder")
     train_files = list_shards(folder, cfg.data.train_pattern)
     val_files = list_shards(folder, cfg.data.val_pattern)
-    if cfg.data.tokenizer:
-        tokenizer = Path(cfg.data.tokenizer)
-        if not tokenizer.is_file():
-            raise UserError(f"data.tokenizer={str(tokenizer)!r} does not exist")
-    else:
-        models = sorted(folder.glob("*.model"))
-        if len(models) != 1:
-            raise UserError(f"{folder}: expected exactly one *.model tokenizer, found {len(models)}; "
-                            f"pass --tokenizer")
-        tokenizer = models[0]
-    return train_files, val_files, tokenizer
+    return train_files, val_files, resolve_tokenizer_path(cfg.data)
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
