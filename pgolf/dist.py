@@ -125,25 +125,6 @@ def all_reduce_mean(value: float) -> float:
     return all_reduce_sum(value) / (dist.get_world_size() if is_dist_active() else 1)
 
 
-def all_reduce_tensors_mean(tensors: list[torch.Tensor]) -> None:
-    """Average tensors over ranks in place (one flat buffer per dtype and device); no-op at world_size 1."""
-    if not is_dist_active():
-        return
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for g in tensors:
-        groups.setdefault((g.dtype, g.device), []).append(g)
-    world = dist.get_world_size()
-    for group in groups.values():
-        flat = torch.cat([g.reshape(-1) for g in group])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(world)
-        offset = 0
-        for g in group:
-            n = g.numel()
-            g.copy_(flat[offset:offset + n].view_as(g))
-            offset += n
-
-
 def broadcast_text(text: str) -> str:
     """Rank 0's string on every rank (UTF-8 bytes in a tensor; no pickle)."""
     if not is_dist_active():

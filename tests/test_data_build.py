@@ -161,3 +161,20 @@ def test_fineweb_no_network_is_one_line_error(tmp_path, monkeypatch, capsys):
     rc = pgolf.cli.main(["data", "fineweb", "--variant", "sp1024", "--train-shards", "1", "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "manifest.json" in err and "Traceback" not in err
+
+
+def test_fineweb_unreachable_hub_fails_fast_in_one_line(tmp_path, monkeypatch, capsys):
+    import socket
+
+    import pgolf.cli
+
+    def refuse(*args, **kwargs):
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(pgolf.cli, "COMMAND_MODULES", [("pgolf.data.commands", "add_data_commands")])
+    rc = pgolf.cli.main(["data", "fineweb", "--variant", "sp1024", "--train-shards", "1", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "cannot reach the Hugging Face hub" in err
+    assert not (tmp_path / "d").exists()  # nothing half-written

@@ -44,6 +44,24 @@ def hub_fetch(remote_path: str, destination: Path) -> None:
     os.replace(tmp, destination)
 
 
+def check_hub_reachable(timeout_s: float = 5.0) -> None:
+    """Fail fast with one line when the hub's host cannot be reached (instead of minutes of retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return  # offline mode: huggingface_hub answers from its cache, or says it cannot
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Hugging Face hub at {host}:{port} ({e.strerror or e}); "
+                        f"no network? Build shards locally with `pgolf data build` instead") from None
+
+
 def find_dataset_entry(manifest: dict, variant: str) -> tuple[dict, dict]:
     """(dataset entry, tokenizer entry) of a variant in the manifest, or UserError."""
     if variant not in FINEWEB_VARIANTS:
@@ -105,7 +123,9 @@ def load_hub_manifest(out_dir: Path, fetch: Fetcher) -> dict:
 def download_fineweb(variant: str, train_shards: int, out_dir, fetch: Fetcher | None = None,
                      log: Callable[[str], None] = print) -> list[Path]:
     """Fetch (or resume) a variant's val shards, first `train_shards` train shards and tokenizer; return paths."""
-    fetch = fetch or hub_fetch
+    if fetch is None:
+        check_hub_reachable()
+        fetch = hub_fetch
     out_dir = Path(out_dir)
     manifest = load_hub_manifest(out_dir, fetch)
     done = []

@@ -28,7 +28,6 @@ from pgolf.dist import (
     DistEnv,
     all_reduce_max_many,
     all_reduce_mean,
-    all_reduce_tensors_mean,
     barrier,
     broadcast_text,
     destroy_distributed,
@@ -390,9 +389,8 @@ def collect_calibration(model, loader, cfg: RunConfig, device, timer: PhaseTimer
             batches.append(x.to(device))
         with autocast_context(device):
             hessians = collect_hessians(model, batches)
-        hessians = {k: v.float() for k, v in hessians.items()}
-        all_reduce_tensors_mean(list(hessians.values()))
-    return {k: v.cpu() for k, v in hessians.items()}
+    # collect_hessians already summed over ranks and divided by the global token count
+    return {k: v.float().cpu() for k, v in hessians.items()}
 
 
 def timer_seconds(timer: PhaseTimer) -> dict:
