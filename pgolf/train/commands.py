@@ -63,11 +63,10 @@ def build_train_config(args):
 def cmd_train(args) -> int:
     cfg = build_train_config(args)
     sinks = []
-    if dist_env_from_environ()[0] != 0:
-        pass  # only rank 0 logs
-    elif args.tensorboard:
+    is_rank0 = dist_env_from_environ()[0] == 0  # only rank 0 logs
+    if is_rank0 and args.tensorboard:
         sinks.append(tensorboard_sink(Path(args.tensorboard)))
-    if args.wandb and dist_env_from_environ()[0] == 0:
+    if is_rank0 and args.wandb:
         sinks.append(wandb_sink(args.wandb, cfg.name or cfg.recipe, {"recipe": cfg.recipe}))
     record = train_run(cfg, resume=args.resume, sinks=sinks, final_eval=not args.no_eval)
     status = record.get("status")
