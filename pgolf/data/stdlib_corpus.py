@@ -1,10 +1,10 @@
 """A JSONL corpus built from text that ships with Python itself, for `pgolf demo` and offline tests.
 
-Documents, in a fixed order: the pydoc help topics (`pydoc_data.topics`, sorted by name), then for each
-standard-library module (sorted; packages with their direct submodules) its docstring and the docstrings of
-the classes, methods and functions it defines. Modules that cannot be imported are skipped; modules whose
-import has side effects (opening a browser or a window, printing) are never imported. The text is the same
-for the same Python version.
+Documents: the pydoc help topics (`pydoc_data.topics`), then for each standard-library module (packages with
+their direct submodules) its docstring and the docstrings of the classes, methods and functions it defines,
+shuffled with a fixed seed (so that any prefix is a sample and near-identical neighbours such as the codec
+modules under `encodings` do not come in one long run). Modules that cannot be imported are skipped; modules
+whose import has side effects (opening a browser or a window, printing) are never imported.
 """
 
 import contextlib
@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pkgutil
+import random
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +25,9 @@ STDLIB_SKIP = ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledem
                "xxsubtype", "_testcapi", "_testinternalcapi", "_testbuffer", "_testimportmultiple",
                "_testmultiphase", "_xxtestfuzz", "_ctypes_test", "_testclinic", "_testsinglephase",
                "msilib", "crypt", "nis", "spwd")
+
+
+STDLIB_SHUFFLE_SEED = 1337
 
 
 def stdlib_module_names() -> list[str]:
@@ -107,8 +111,10 @@ def write_stdlib_corpus(path, max_bytes: int | None = None) -> tuple[int, int]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     docs = total = 0
+    texts = list(iter_stdlib_documents())
+    random.Random(STDLIB_SHUFFLE_SEED).shuffle(texts)
     with open(tmp, "w", encoding="utf-8") as f:
-        for text in iter_stdlib_documents():
+        for text in texts:
             size = len(text.encode("utf-8"))
             if max_bytes is not None and total + size > max_bytes:
                 break
