@@ -87,6 +87,7 @@ def recipe_tiny() -> RunConfig:
     t.log_every = 20
     t.device = "cpu"
     cfg.quant.calib_batches = 4
+    cfg.quant.passthrough_numel = 1024  # so the tiny matrices go through GPTQ as the real ones do
     cfg.eval.batch_seqs = 8
     cfg.eval.sliding_stride = 32
     cfg.eval.ttt_chunk_tokens = 2048

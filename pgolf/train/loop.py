@@ -388,7 +388,7 @@ def collect_calibration(model, loader, cfg: RunConfig, device, timer: PhaseTimer
             x, _ = loader.next_batch(t.batch_tokens, t.seq_len, t.grad_accum)
             batches.append(x.to(device))
         with autocast_context(device):
-            hessians = collect_hessians(model, batches)
+            hessians = collect_hessians(model, batches, passthrough_numel=q.passthrough_numel)
     # collect_hessians already summed over ranks and divided by the global token count
     return {k: v.float().cpu() for k, v in hessians.items()}
 
