@@ -200,6 +200,12 @@ def coerce_value(key: str, value, typ):
     raise ConfigError(f"{key}: cannot read {value!r} as {typ.__name__}")
 
 
+def add_override_argument(parser, what: str = "config override") -> None:
+    """The repeatable `--set section.field=value` option of every command that takes a config (args.overrides)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help=f"{what}, e.g. --set train.seed=42 (repeatable; unknown keys are errors)")
+
+
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """Apply "section.field=value" overrides in place and return cfg."""
     for item in overrides:

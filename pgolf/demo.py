@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from pgolf.config import apply_overrides
+from pgolf.config import add_override_argument, apply_overrides
 from pgolf.data.build import build_split_shards
 from pgolf.data.stdlib_corpus import write_stdlib_corpus
 from pgolf.data.tokenizer import train_tokenizer_from_docs
@@ -23,8 +23,7 @@ def add_demo_commands(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the whole pipeline on CPU on text that ships with Python")
     p.add_argument("--out", default="runs/demo", help="folder for the corpus, shards, run and report")
     p.add_argument("--steps", type=int, default=300, help="training steps of the tiny model")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override on the tiny recipe (repeatable)")
+    add_override_argument(p, "config override on the tiny recipe")
     p.set_defaults(func=cmd_demo)
 
 

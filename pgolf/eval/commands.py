@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf.config import RunConfig, apply_overrides, config_from_dict, config_hash
+from pgolf.config import RunConfig, add_override_argument, apply_overrides, config_from_dict, config_hash
 from pgolf.errors import UserError
 
 
@@ -126,7 +126,7 @@ def format_eval_table(results: dict) -> str:
 
 def cmd_eval(args) -> int:
     artifact = eval_resolve_artifact(Path(args.artifact))
-    cfg = eval_load_config(artifact, args.recipe, args.config, args.set or [], args.data)
+    cfg = eval_load_config(artifact, args.recipe, args.config, args.overrides, args.data)
     tokens, lut = eval_load_data(cfg, args.max_tokens)
     model = eval_load_model(artifact, cfg, eval_device(cfg))
     t0 = time.perf_counter()
@@ -172,7 +172,7 @@ def cmd_check(args) -> int:
 
     target = Path(args.artifact)
     artifact = eval_resolve_artifact(target)
-    cfg = eval_load_config(artifact, args.recipe, args.config, args.set or [], args.data)
+    cfg = eval_load_config(artifact, args.recipe, args.config, args.overrides, args.data)
     e = cfg.eval
     seq_len = args.seq_len or e.seq_len or cfg.train.seq_len
     n_tokens = args.tokens or 4 * seq_len + 1
@@ -214,7 +214,7 @@ def add_eval_shared_args(p) -> None:
     p.add_argument("--data", default="", help="folder with the val shards and tokenizer (default: data.path)")
     p.add_argument("--recipe", default="", help="build the model from this recipe instead of a config.json")
     p.add_argument("--config", default="", help="RUN_DIR/config.json (default: the one beside the artifact)")
-    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
+    add_override_argument(p)
 
 
 def add_eval_commands(subparsers) -> None:

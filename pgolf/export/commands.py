@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pgolf.config import apply_overrides
+from pgolf.config import add_override_argument, apply_overrides
 from pgolf.errors import UserError
 from pgolf.recipes import get_recipe
 
@@ -14,8 +14,7 @@ def add_export_commands(subparsers) -> None:
                     "(--runs or --db), write a submission folder: train_gpt.py, submission.json, README.md, "
                     "requirements.txt and the runs' logs.")
     p.add_argument("--recipe", required=True, help="recipe name (baseline, record, tiny)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override baked into the script's defaults (repeatable)")
+    add_override_argument(p, "config override baked into the script's defaults")
     p.add_argument("--out", required=True, help="output folder (records/<date>_<name>/), or a .py file path "
                                                 "to write only the script")
     p.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR", help="finished run directories to report")

@@ -3,7 +3,14 @@
 import json
 from pathlib import Path
 
-from pgolf.config import QuantConfig, RunConfig, apply_overrides, config_from_dict, config_to_dict
+from pgolf.config import (
+    QuantConfig,
+    RunConfig,
+    add_override_argument,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+)
 from pgolf.errors import UserError
 from pgolf.quant.artifact import inspect_artifact
 from pgolf.quant.pipeline import export_state
@@ -31,7 +38,7 @@ def cmd_quant(args) -> int:
     weights = run_dir / "model.pgw"
     if not weights.exists():
         raise UserError(f"{weights}: not found (is {run_dir} a finished run directory?)")
-    cfg = run_quant_config(run_dir, args.set or [])
+    cfg = run_quant_config(run_dir, args.overrides)
     state, _ = read_tensors(weights)
     hessian_path = run_dir / "hessians.pgw"
     hessians = read_tensors(hessian_path)[0] if hessian_path.exists() else None
@@ -82,7 +89,7 @@ def cmd_artifact_inspect(args) -> int:
 def add_quant_commands(subparsers) -> None:
     p = subparsers.add_parser("quant", help="re-quantize a finished run's float weights into model.pgq")
     p.add_argument("run_dir", help="run directory holding model.pgw (and hessians.pgw for GPTQ)")
-    p.add_argument("--set", action="append", metavar="quant.FIELD=VALUE", help="override a quant setting")
+    add_override_argument(p, "quant override (quant.FIELD=VALUE)")
     p.add_argument("--code-bytes", type=int, default=None, help="code bytes to count (default: record.json)")
     p.add_argument("--out", default="", help="artifact path (default RUN_DIR/model.pgq)")
     p.add_argument("--json", default="", help="also write the full export report as JSON here")

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pgolf.config import apply_overrides
+from pgolf.config import add_override_argument, apply_overrides
 from pgolf.dist import dist_env_from_environ
 from pgolf.errors import UserError
 from pgolf.recipes import apply_proxy, get_recipe
@@ -21,8 +21,7 @@ def add_train_commands(subparsers) -> None:
     p.add_argument("--wallclock", type=float, help="timed training budget in seconds (train.wallclock_s)")
     p.add_argument("--proxy", type=float, metavar="SECONDS",
                    help="the one-GPU proxy of the 8-GPU recipe over SECONDS (BENCHMARKS.md h100-300s)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. --set train.seed=42 (repeatable)")
+    add_override_argument(p)
     p.add_argument("--name", help="run directory name (default: recipe-timestamp)")
     p.add_argument("--out", help="folder that holds run directories (default: runs)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint")
