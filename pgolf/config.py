@@ -108,7 +108,10 @@ class QuantConfig:
     matrix_bits: int = 6  # attention and MLP matrices
     embed_bits: int = 8  # token embedding and other large tensors
     clip: str = "sdclip"  # sdclip | search | percentile | none
-    sdclip_k: float = 12.85  # row clip = k * std(row), matrices
+    sdclip_k: float = 12.85  # row clip = k * std(row), matrices (grid step k * std / qmax)
+    fit_k: bool = False  # choose the matrices' k so that the artifact fills the cap (quant/fit.py)
+    fit_k_min: float = 4.0  # the search's lowest k (below ~3 the clip cuts the tails)
+    fit_margin: float = 0.004  # fraction of size_cap kept free for the size prediction's error (~0.3%)
     sdclip_k_embed: float = 20.0
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block_size: int = 128
@@ -124,6 +127,7 @@ class QuantConfig:
 class EvalConfig:
     seq_len: int = 0  # 0 = train.seq_len
     batch_seqs: int = 32
+    compile: bool = True  # torch.compile the scoring forward (and TTT's step) on CUDA; pgolf.eval.scoring
     sliding_stride: int = 64  # 0 = no sliding-window pass
     ttt: bool = False  # score-first test-time training
     ttt_mode: str = "sgd"  # sgd (all weights) | lora
@@ -259,6 +263,10 @@ def validate_config(cfg: RunConfig) -> None:
         (q.method in ("gptq", "rtn"), f"quant.method={q.method!r} is not gptq|rtn"),
         (q.clip in ("sdclip", "search", "percentile", "none"), f"quant.clip={q.clip!r} is unknown"),
         (5 <= q.matrix_bits <= 8 and 5 <= q.embed_bits <= 8, "quant bits must be in 5..8"),
+        (q.sdclip_k > 0 and q.sdclip_k_embed > 0, "quant.sdclip_k and quant.sdclip_k_embed must be > 0"),
+        (0 < q.fit_k_min < 64, f"quant.fit_k_min={q.fit_k_min} must be in (0, 64)"),
+        (0 <= q.fit_margin < 0.1, f"quant.fit_margin={q.fit_margin} must be in [0, 0.1)"),
+        (not q.fit_k or q.clip == "sdclip", "quant.fit_k needs quant.clip=sdclip"),
         (e.ttt_mode in ("sgd", "lora"), f"eval.ttt_mode={e.ttt_mode!r} is not sgd|lora"),
     ]
     for ok, message in checks:

@@ -55,6 +55,7 @@ def recipe_record() -> RunConfig:
     t.calib_reserve_s = 10.0
     cfg.quant.method = "gptq"
     cfg.quant.clip = "sdclip"
+    cfg.quant.fit_k = True
     cfg.eval.sliding_stride = 64
     cfg.eval.ttt = True
     return cfg

@@ -194,3 +194,29 @@ def test_quant_and_inspect_commands(tmp_path, capsys):
     args = parser.parse_args(["quant", str(tmp_path)])
     with pytest.raises(UserError, match="model.pgw"):
         args.func(args)
+
+
+def test_collect_hessians_shares_one_product_for_q_k_v_on_the_real_model():
+    from pgolf.model.gpt import GPT
+    from pgolf.recipes import get_recipe
+
+    cfg = get_recipe("tiny")
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    with torch.no_grad():  # the zero-initialized projections would make every block the identity
+        for p in model.parameters():
+            if p.ndim == 2 and not p.any():
+                p.normal_(std=0.1)
+    ids = [torch.randint(0, cfg.model.vocab_size, (2, 32)) for _ in range(2)]
+    seen = []
+    handles = [model.blocks[1].attn.c_q.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone())),
+               model.blocks[1].mlp.fc.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))]
+    hs = collect_hessians(model, ids, passthrough_numel=cfg.quant.passthrough_numel)
+    for h in handles:
+        h.remove()
+    xq = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen[0::2]])
+    xf = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen[1::2]])
+    for name in ("c_q", "c_k", "c_v"):
+        assert torch.allclose(hs[f"blocks.1.attn.{name}.weight"], xq.T @ xq / len(xq), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(hs["blocks.1.mlp.fc.weight"], xf.T @ xf / len(xf), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(hs["blocks.1.mlp.fc.weight"], hs["blocks.1.attn.c_q.weight"])

@@ -78,3 +78,17 @@ def test_missing_library_is_skipped_with_reason(monkeypatch):
         compress_best(b"abc", ["brotli11+none"])
     with pytest.raises(UserError, match="unknown compression method"):
         compress_with("gzip+none", b"abc")
+
+
+@pytest.mark.parametrize("method", ["zlib9+none", "lzma6+shuf2", "zlib9+bitplane"])
+def test_long_streams_round_trip_through_chunks(method):
+    from pgolf.quant.codecs import CHUNK_BYTES, CHUNK_LEN
+
+    n = 2 * CHUNK_BYTES + 12_345  # three chunks, the last one short
+    data = np.random.default_rng(0).integers(-3, 4, n).astype(np.int8).tobytes()
+    blob = compress_with(method, data)
+    (first,) = CHUNK_LEN.unpack_from(blob, 0)
+    assert 0 < first < len(blob)  # framed: the first chunk's length leads
+    assert decompress_with(method, blob, n) == data
+    with pytest.raises(UserError, match="runs past the end"):
+        decompress_with(method, blob[:-1], n)

@@ -13,16 +13,17 @@ class CastedLinear(nn.Linear):
     Quantization-aware training: while the buffer `qat_on` is 1, the forward pass sees the weight as export
     would write it (`fake_quantize_rows(w, qat_bits, qat_clip_k)`), and the gradient passes straight through
     to the fp32 weight. The switch is a tensor, chosen with torch.where, so toggling it neither recompiles
-    a compiled model nor lets the compiler fold the QAT branch away. The fake-quantized weight is therefore
-    computed on every call, also while QAT is off (a few elementwise passes over the weight).
+    a compiled model nor lets the compiler fold the QAT branch away; the SDClip k is a buffer too, so the
+    trainer can set it when QAT starts (to the k the export will use) without a recompile. The fake-quantized
+    weight is therefore computed on every call, also while QAT is off (a few elementwise passes over it).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  qat_bits: int = 6, qat_clip_k: float = 12.85):
         super().__init__(in_features, out_features, bias=bias)
         self.qat_bits = qat_bits
-        self.qat_clip_k = qat_clip_k
         self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+        self.register_buffer("qat_clip_k", torch.tensor(float(qat_clip_k)), persistent=False)
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass uses: plain, or fake-quantized with a straight-through gradient."""

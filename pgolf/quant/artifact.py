@@ -23,15 +23,16 @@ from pgolf.quant.pack import pack_bits, unpack_bits
 from pgolf.tensorfile import TENSORFILE_DTYPES, tensor_from_bytes, tensor_to_bytes
 
 ARTIFACT_MAGIC = b"PGQUANT\x00"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: sections over 4 MiB are stored in length-framed chunks
 ARTIFACT_PREFIX = struct.Struct("<8sIII")  # magic, version, header length, header CRC32
 # Filters tried per section layout (each with every codec of the candidate list). Bit-packed b-bit values
 # repeat every b bytes, hence shuf<b>; on int6 GPTQ-like values bitplane measured worse than none.
 SECTION_FILTERS = {"int8": ("none",), "fp16": ("none", "shuf2"), "raw": ("none",),
                    **{f"packed{b}": (f"shuf{b}",) for b in range(5, 9)}}
-# Sections larger than this pick their two best methods on a sample before compressing in full.
+# Sections larger than this rank their methods on a sample and compress only the best (two if close) in full.
 SAMPLE_ABOVE_BYTES = 4_000_000
 SAMPLE_BYTES = 1_000_000
+SAMPLE_CLOSE = 1.01
 
 
 @dataclass
@@ -110,9 +111,11 @@ def choose_section(section: str, raw: bytes, codecs) -> dict:
     options = []
     for layout, data in section_layouts(section, raw).items():
         options += [(layout, data, f"{c}+{f}") for c in codecs for f in SECTION_FILTERS[layout]]
-    if len(raw) > SAMPLE_ABOVE_BYTES and len(options) > 2:
-        scored = sorted(options, key=lambda o: len(compress_with(o[2], sample_of(o[1]))))
-        options = scored[:2]
+    if len(raw) > SAMPLE_ABOVE_BYTES and len(options) > 1:
+        sizes = [len(compress_with(o[2], sample_of(o[1]))) for o in options]
+        ranked = sorted(range(len(options)), key=sizes.__getitem__)
+        close = sizes[ranked[1]] <= SAMPLE_CLOSE * sizes[ranked[0]]  # a runner-up within 1% is tried in full
+        options = [options[i] for i in ranked[:2 if close else 1]]
     best = None
     for layout, data, method in options:
         chosen, blob = compress_best(data, [method])

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import torch
+
 from pgolf.config import (
     QuantConfig,
     RunConfig,
@@ -39,9 +41,12 @@ def cmd_quant(args) -> int:
     if not weights.exists():
         raise UserError(f"{weights}: not found (is {run_dir} a finished run directory?)")
     cfg = run_quant_config(run_dir, args.overrides)
-    state, _ = read_tensors(weights)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # GPTQ runs where the tensors are
+    state = {k: v.to(device) for k, v in read_tensors(weights)[0].items()}
     hessian_path = run_dir / "hessians.pgw"
     hessians = read_tensors(hessian_path)[0] if hessian_path.exists() else None
+    if hessians is not None:
+        hessians = {k: v.to(device) for k, v in hessians.items()}
     if hessians is None and cfg.method == "gptq":
         print(f"note: {hessian_path} not found; every matrix falls back to round-to-nearest")
     code_bytes = args.code_bytes
@@ -62,6 +67,10 @@ def cmd_quant(args) -> int:
         f = report["fit"]
         print(f"fit to budget: pruned {f['pruned']:,} of {f['candidates']:,} ±1 values in {f['steps']} steps, "
               f"{f['bytes_before']:,} -> {f['bytes_after']:,} B")
+    if report["fit_k"]:
+        k = report["fit_k"]
+        print(f"matrix SDClip k = {k['k']:.3f} (chosen to fill the budget: {k['entropy_bits_per_value']:.3f} "
+              f"bits/value of entropy, codec ratio {k['ratio']:.4f}, {report['timings']['fit_k_s']:.1f}s)")
     print(f"wrote {out} (quantize {report['timings']['quantize_s']:.1f}s, "
           f"serialize {report['timings']['serialize_s']:.1f}s)")
     print(format_size_report(report["bytes"]))

@@ -16,6 +16,7 @@ from pgolf.data.shards import FILE_AUDIT
 from pgolf.dist import DistEnv, barrier, print0
 from pgolf.eval.bpb import evaluate_plain
 from pgolf.eval.legality import check_val_not_opened
+from pgolf.eval.scoring import scorer_for
 from pgolf.eval.receipts import compliance_summary, format_compliance_table, format_timing_receipt
 from pgolf.runlog import write_record
 from pgolf.train.clock import PhaseTimer
@@ -70,7 +71,7 @@ def evaluate_prequant(model, cfg: RunConfig, val_files, tokenizer_path, denv, ca
     tokens, lut = load_val_data(cfg, val_files, tokenizer_path, cache)
     with FILE_AUDIT.phase("eval"):
         return evaluate_plain(model, tokens, lut, eval_seq_len(cfg), cfg.eval.batch_seqs, denv.rank,
-                              denv.world_size)
+                              denv.world_size, scorer=scorer_for(cfg.eval))
 
 
 def timed(timer: PhaseTimer, name: str, fn, *args, **kwargs):
@@ -108,6 +109,8 @@ def quantize_and_roundtrip(cfg: RunConfig, model, hessians: dict, run_dir: Path,
         record["timings"]["serialize_s"] = report["timings"]["serialize_s"]
         record["bytes"]["artifact"] = report["bytes"]["artifact"]
         record["quant"] = {"warnings": report.get("warnings", []), "fit": report.get("fit"),
+                           "fit_k": report.get("fit_k"), "matrix_k": report.get("matrix_k"),
+                           "fit_k_s": report["timings"].get("fit_k_s"),
                            "sections": report.get("sections")}
     quantized = copy.deepcopy(model)
     restored = read_artifact(artifact)
@@ -142,7 +145,7 @@ def finish_run(cfg: RunConfig, model, hessians: dict, run_dir, env: dict, timer:
         tokens, lut = load_val_data(cfg, val_files, tokenizer_path, val_cache)
         with timer.phase("eval_sliding"), FILE_AUDIT.phase("eval"):
             res = evaluate_sliding(eval_model, tokens, lut, eval_seq_len(cfg), cfg.eval.sliding_stride,
-                                   cfg.eval.batch_seqs, denv.rank, denv.world_size)
+                                   cfg.eval.batch_seqs, denv.rank, denv.world_size, scorer=scorer_for(cfg.eval))
         metrics["sliding_loss"], metrics["sliding_bpb"] = res["val_loss"], res["val_bpb"]
     if final_eval and cfg.eval.ttt and module_exists("pgolf.eval.ttt"):
         from pgolf.eval.ttt import evaluate_ttt

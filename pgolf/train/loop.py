@@ -50,9 +50,9 @@ from pgolf.train.checkpoint import (
     save_checkpoint,
 )
 from pgolf.train.clock import PhaseTimer
-from pgolf.train.finish import evaluate_prequant, finish_run, new_record
+from pgolf.train.finish import evaluate_prequant, finish_run, new_record, run_code_bytes
 from pgolf.train.progress import ProgressLine
-from pgolf.train.qat import qat_due, set_qat_from_config
+from pgolf.train.qat import qat_clip_k, qat_due, set_qat_from_config
 
 
 @dataclass
@@ -64,8 +64,10 @@ class TrainState:
     last_checkpoint_s: float = 0.0
     recurrence_on: bool = False
     qat_on: bool = False
+    qat_clip_k: float = 0.0  # the SDClip k QAT trains against (set when it switches on)
     stop_reason: str = ""
     last_loss: float = float("nan")
+    step_s_avg: float = 0.0  # running mean of the step time: the loop stops before a step would overrun
 
 
 def seed_everything(seed: int) -> None:
@@ -175,7 +177,7 @@ def checkpoint_now(run_dir, state: TrainState, model, opt, loader, ema, swa, den
     if swa is not None:
         averagers.update(swa.state_tensors())
     scalars = {"step": state.step, "train_tokens": state.train_tokens, "elapsed_s": state.elapsed_s,
-               "recurrence_on": state.recurrence_on, "qat_on": state.qat_on}
+               "recurrence_on": state.recurrence_on, "qat_on": state.qat_on, "qat_clip_k": state.qat_clip_k}
     folder = save_checkpoint(run_dir, state.step, denv.rank, model, opt.state_dict(), loader.state_dict(),
                              averagers, scalars)
     barrier()
@@ -201,9 +203,10 @@ def restore_checkpoint(run_dir, state: TrainState, model, opt, loader, ema, swa,
     state.step, state.train_tokens = int(s["step"]), int(s["train_tokens"])
     state.elapsed_s = state.last_checkpoint_s = float(s["elapsed_s"])
     state.recurrence_on, state.qat_on = bool(s["recurrence_on"]), bool(s["qat_on"])
+    state.qat_clip_k = float(s.get("qat_clip_k", 0.0))
     if uses_recurrence(cfg):
         model.set_recurrence(state.recurrence_on)
-    set_qat_from_config(model, state.qat_on, cfg.quant)
+    set_qat_from_config(model, state.qat_on, cfg.quant, state.qat_clip_k or None)
     restore_rng_state(meta["rng"])
     return folder
 
@@ -241,6 +244,8 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
     writer.sinks.extend(sinks)
     progress = ProgressLine(enabled=main, every=t.log_every)
     record = new_record(cfg, env, run_dir)
+    if cfg.quant.enabled:  # the script's bytes are part of the budget the quantizer fills
+        code_bytes = run_code_bytes(cfg, run_dir, code_bytes, main)
 
     # --- model, optimizer, data
     seed_everything(t.seed)
@@ -288,8 +293,10 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
             writer.write("event", step=state.step, what="recurrence_on", time_s=state.elapsed_s)
         if not state.qat_on and qat_due(scale, t):
             state.qat_on = True
-            set_qat_from_config(model, True, cfg.quant)
-            writer.write("event", step=state.step, what="qat_on", time_s=state.elapsed_s, lr_scale=scale)
+            state.qat_clip_k = qat_clip_k(model, cfg.quant, code_bytes)
+            set_qat_from_config(model, True, cfg.quant, state.qat_clip_k)
+            writer.write("event", step=state.step, what="qat_on", time_s=state.elapsed_s, lr_scale=scale,
+                         clip_k=state.qat_clip_k)
 
         step_start = timer.elapsed("train_loop")
         loss = train_step(step_model, opt, loader, cfg, device)
@@ -304,6 +311,7 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
         timer.sync()
         loss_value = float(loss.item())
         elapsed, bad = all_reduce_max_many([timer.elapsed("train_loop"), 0.0 if math.isfinite(loss_value) else 1.0])
+        previous_elapsed = state.elapsed_s
         state.elapsed_s, state.last_loss = elapsed, loss_value
         step_ms = 1000.0 * (timer.elapsed("train_loop") - step_start)
         if bad:
@@ -318,13 +326,15 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
         time_left = budget - elapsed if budget > 0 else None
         progress.update(state.step, loss_value, t.batch_tokens / max(step_ms / 1000.0, 1e-9), step_ms, time_left)
 
-        if budget > 0 and elapsed >= budget:
+        step_s = elapsed - previous_elapsed  # from the all-reduced clock: every rank decides alike
+        state.step_s_avg = step_s if state.step_s_avg == 0 else 0.9 * state.step_s_avg + 0.1 * step_s
+        if budget > 0 and elapsed + state.step_s_avg > budget:  # the next step would end past the budget
             state.stop_reason = "wallclock"
         elif state.step >= t.max_steps:
             state.stop_reason = "max_steps"
         if t.val_every > 0 and state.step % t.val_every == 0 and not state.stop_reason:
             with timer.paused("train_loop"):
-                res = evaluate_prequant(step_model, cfg, val_files, tokenizer_path, denv, val_cache)
+                res = evaluate_prequant(model, cfg, val_files, tokenizer_path, denv, val_cache)
                 writer.write("val", step=state.step, time_s=elapsed, val_loss=res["val_loss"],
                              val_bpb=res["val_bpb"])
                 progress.message(f"step {state.step}  val_loss {res['val_loss']:.4f}  val_bpb {res['val_bpb']:.4f}")
@@ -341,6 +351,7 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
         "steps": state.step, "ms_per_step": 1000.0 * state.elapsed_s / max(state.step, 1),
         "tokens_per_s": state.train_tokens / max(state.elapsed_s, 1e-9), "train_tokens": state.train_tokens,
         "stop_reason": state.stop_reason, "params": n_params,
+        "qat_clip_k": state.qat_clip_k if state.qat_on else None,
     }
     if state.stop_reason == "nan":
         record["status"] = "nan"
@@ -356,8 +367,8 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
     hessians = collect_calibration(model, loader, cfg, device, timer, denv)
 
     # --- pre-quant validation of the float model, float weights saved
-    with timer.phase("eval_plain"):
-        res = evaluate_prequant(step_model, cfg, val_files, tokenizer_path, denv, val_cache)
+    with timer.phase("eval_plain"):  # eager: compiling a second (inference) graph costs more than it saves
+        res = evaluate_prequant(model, cfg, val_files, tokenizer_path, denv, val_cache)
     record["metrics"]["prequant_loss"], record["metrics"]["prequant_bpb"] = res["val_loss"], res["val_bpb"]
     writer.write("val", step=state.step, time_s=state.elapsed_s, val_loss=res["val_loss"], val_bpb=res["val_bpb"])
     progress.message(f"pre-quant  val_loss {res['val_loss']:.4f}  val_bpb {res['val_bpb']:.4f}")

@@ -30,12 +30,28 @@ def set_qat(model: nn.Module, on: bool, bits: int | None = None, clip_k: float |
         if bits is not None:
             m.qat_bits = int(bits)
         if clip_k is not None:
-            m.qat_clip_k = float(clip_k)
+            m.qat_clip_k.fill_(float(clip_k))
     return len(layers)
 
 
-def set_qat_from_config(model: nn.Module, on: bool, quant_cfg) -> int:
-    return set_qat(model, on, bits=quant_cfg.matrix_bits, clip_k=quant_cfg.sdclip_k)
+def set_qat_from_config(model: nn.Module, on: bool, quant_cfg, clip_k: float | None = None) -> int:
+    """set_qat with the export's bits and clip_k (default quant.sdclip_k)."""
+    return set_qat(model, on, bits=quant_cfg.matrix_bits, clip_k=quant_cfg.sdclip_k if clip_k is None else clip_k)
+
+
+def qat_clip_k(model: nn.Module, quant_cfg, code_bytes: int | None) -> float:
+    """The SDClip k QAT trains against: with quant.fit_k, a quick estimate of the k the export will choose
+    for the current weights (zlib for the small sections, the matrices at their plain entropy; about a
+    second on the GPU, inside the timed loop: the export's own search compresses with the real codecs and
+    takes several). The export searches again on the final weights; the run record keeps both k."""
+    if not quant_cfg.fit_k:
+        return quant_cfg.sdclip_k
+    from pgolf.quant.pipeline import search_matrix_k
+
+    model = getattr(model, "_orig_mod", model)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    budget = quant_cfg.size_cap - int(code_bytes or 0)
+    return float(search_matrix_k(state, quant_cfg, budget, ("zlib9",), ratio=1.0)["k"])
 
 
 def qat_due(lr_scale: float, train_cfg) -> bool:
