@@ -6,7 +6,6 @@ Sums are float64 and counts int64, all-reduced across ranks. Positions are "pred
 i predicts token i + 1 from tokens 0..i, so a stream of n tokens has n - 1 targets.
 """
 
-import contextlib
 import math
 import time
 
@@ -15,6 +14,7 @@ import torch
 from pgolf.data.bytes import target_byte_counts
 from pgolf.dist import is_dist_active
 from pgolf.errors import UserError
+from pgolf.eval.scoring import WindowScorer, check_scorer, eval_autocast, model_device
 
 
 class BpbAccumulator:
@@ -58,17 +58,6 @@ class PerTokenScores:
         return {"per_token_nll": self.nll, "per_token_count": self.count}
 
 
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def eval_autocast(device: torch.device):
-    """bf16 autocast on CUDA, nothing elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def score_token_nll(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-token NLL (B, T) as float32, through the model contract's reduction="none" path."""
     with eval_autocast(x.device):
@@ -110,38 +99,57 @@ def score_rows(model, x, y, mask, acc: BpbAccumulator, n_bytes: int, target_pos=
         inspect(model, x, y, nll, mask_d)
 
 
+def plain_windows(n_tokens: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """The plain evaluation's windows as (start, score_from, end): seq_len predictions each, all scored, the
+    last one shorter when seq_len does not divide the n_tokens - 1 targets."""
+    n_pred = n_tokens - 1
+    return [(s, s, min(s + seq_len, n_pred)) for s in range(0, n_pred, seq_len)]
+
+
+def score_plain_reference(model, tokens: torch.Tensor, seq_len: int, batch_seqs: int, lo: int, hi: int,
+                          byte_cum: torch.Tensor, acc: BpbAccumulator, per_token=None, inspect=None) -> None:
+    """The reference path of evaluate_plain: windows lo..hi-1, batches gathered on the host, full forwards."""
+    n_pred = tokens.numel() - 1
+    n_full = n_pred // seq_len
+    for b0 in range(lo, min(hi, n_full), batch_seqs):
+        rows = min(batch_seqs, min(hi, n_full) - b0)
+        pos = (torch.arange(b0, b0 + batch_seqs) * seq_len)[:, None] + torch.arange(seq_len)[None]
+        pos = pos.clamp_max(n_pred - 1)  # padding rows past the end point at valid tokens
+        mask = (torch.arange(batch_seqs) < rows)[:, None].expand(batch_seqs, seq_len)
+        n_bytes = int(byte_cum[(b0 + rows) * seq_len] - byte_cum[b0 * seq_len])
+        score_rows(model, tokens[pos], tokens[pos + 1], mask, acc, n_bytes, pos + 1, per_token, inspect)
+    if hi > n_full:  # this rank holds the tail window, shorter than seq_len
+        pos = torch.arange(n_full * seq_len, n_pred)[None]
+        n_bytes = int(byte_cum[n_pred] - byte_cum[n_full * seq_len])
+        mask = torch.ones_like(pos, dtype=torch.bool)
+        score_rows(model, tokens[pos], tokens[pos + 1], mask, acc, n_bytes, pos + 1, per_token, inspect)
+
+
 def evaluate_plain(model, val_tokens: torch.Tensor, lut, seq_len: int, batch_seqs: int, rank: int = 0,
-                   world_size: int = 1, return_per_token: bool = False, inspect=None) -> dict:
+                   world_size: int = 1, return_per_token: bool = False, inspect=None, scorer: str = "auto") -> dict:
     """Non-overlapping seq_len windows, each with no earlier context; the last partial window is scored too.
 
     Windows are split across ranks; full windows run batch_seqs at a time, the last batch padded to a fixed
-    shape. `inspect(model, x, y, nll, mask)`, if given, sees every scored batch (legality probes).
+    shape. `inspect(model, x, y, nll, mask)`, if given, sees every scored batch (legality probes). `scorer`
+    picks the path (pgolf.eval.scoring: auto | compiled | eager | reference).
     """
     check_eval_inputs(val_tokens, seq_len, batch_seqs)
+    check_scorer(scorer)
     t0 = time.perf_counter()
     tokens = val_tokens.cpu().long()
-    n_pred = tokens.numel() - 1
-    n_full = n_pred // seq_len
-    n_windows = n_full + (1 if n_pred % seq_len else 0)
-    lo, hi = rank_span(n_windows, rank, world_size)
+    windows = plain_windows(tokens.numel(), seq_len)
+    lo, hi = rank_span(len(windows), rank, world_size)
     byte_cum = stream_byte_cumsum(tokens, lut)
     acc = BpbAccumulator(model_device(model))
     per_token = PerTokenScores(tokens.numel()) if return_per_token else None
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for b0 in range(lo, min(hi, n_full), batch_seqs):
-            rows = min(batch_seqs, min(hi, n_full) - b0)
-            pos = (torch.arange(b0, b0 + batch_seqs) * seq_len)[:, None] + torch.arange(seq_len)[None]
-            pos = pos.clamp_max(n_pred - 1)  # padding rows past the end point at valid tokens
-            mask = (torch.arange(batch_seqs) < rows)[:, None].expand(batch_seqs, seq_len)
-            n_bytes = int(byte_cum[(b0 + rows) * seq_len] - byte_cum[b0 * seq_len])
-            score_rows(model, tokens[pos], tokens[pos + 1], mask, acc, n_bytes, pos + 1, per_token, inspect)
-        if hi == n_windows and n_full < n_windows:  # the tail window, shorter than seq_len
-            pos = torch.arange(n_full * seq_len, n_pred)[None]
-            n_bytes = int(byte_cum[n_pred] - byte_cum[n_full * seq_len])
-            mask = torch.ones_like(pos, dtype=torch.bool)
-            score_rows(model, tokens[pos], tokens[pos + 1], mask, acc, n_bytes, pos + 1, per_token, inspect)
+        if scorer == "reference":
+            score_plain_reference(model, tokens, seq_len, batch_seqs, lo, hi, byte_cum, acc, per_token, inspect)
+        else:
+            WindowScorer(model, tokens, [windows[lo:hi]], batch_seqs, seq_len, byte_cum, scorer, per_token,
+                         inspect).score_group(0, acc)
     model.train(was_training)
     acc.all_reduce()
     out = acc.result()

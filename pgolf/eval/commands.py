@@ -100,15 +100,17 @@ def eval_device(cfg: RunConfig) -> torch.device:
 def evaluate_configured(model, val_tokens, lut, cfg: RunConfig, rank: int = 0, world_size: int = 1) -> dict:
     """plain always, sliding when eval.sliding_stride > 0, TTT when eval.ttt; {name: result} (no traces)."""
     from pgolf.eval.bpb import evaluate_plain
+    from pgolf.eval.scoring import scorer_for
     from pgolf.eval.sliding import evaluate_sliding
     from pgolf.eval.ttt import evaluate_ttt
 
     e = cfg.eval
     seq_len = e.seq_len or cfg.train.seq_len
-    out = {"plain": evaluate_plain(model, val_tokens, lut, seq_len, e.batch_seqs, rank, world_size)}
+    scorer = scorer_for(e)
+    out = {"plain": evaluate_plain(model, val_tokens, lut, seq_len, e.batch_seqs, rank, world_size, scorer=scorer)}
     if e.sliding_stride > 0:
         out["sliding"] = evaluate_sliding(model, val_tokens, lut, seq_len, e.sliding_stride, e.batch_seqs, rank,
-                                          world_size)
+                                          world_size, scorer=scorer)
     if e.ttt:
         res = evaluate_ttt(model, val_tokens, lut, e, seq_len, rank, world_size)
         res.pop("trace")
@@ -167,6 +169,7 @@ def cmd_check(args) -> int:
     from pgolf.data.shards import FileAudit
     from pgolf.eval.bpb import evaluate_plain
     from pgolf.eval.legality import format_check_table, run_legality_checks
+    from pgolf.eval.scoring import scorer_for
     from pgolf.eval.sliding import evaluate_sliding
     from pgolf.eval.ttt import evaluate_ttt
 
@@ -187,9 +190,11 @@ def cmd_check(args) -> int:
     # a few chunks inside the short stream, so that adaptation happens between scored chunks
     ttt_cfg = dataclasses.replace(e, ttt_chunk_tokens=max(seq_len, math.ceil(tokens.numel() / 4)),
                                   sliding_stride=stride, ttt_time_limit_s=0.0)
-    methods = {"plain": lambda m, t, lu, **kw: evaluate_plain(m, t, lu, seq_len, e.batch_seqs, **kw)}
+    scorer = scorer_for(e)  # the path the evaluations take (a short check stream stays below the compile count)
+    methods = {"plain": lambda m, t, lu, **kw: evaluate_plain(m, t, lu, seq_len, e.batch_seqs, scorer=scorer, **kw)}
     if e.sliding_stride > 0:
-        methods["sliding"] = lambda m, t, lu, **kw: evaluate_sliding(m, t, lu, seq_len, stride, e.batch_seqs, **kw)
+        methods["sliding"] = lambda m, t, lu, **kw: evaluate_sliding(m, t, lu, seq_len, stride, e.batch_seqs,
+                                                                     scorer=scorer, **kw)
     if e.ttt:
         methods["ttt"] = lambda m, t, lu, **kw: evaluate_ttt(m, t, lu, ttt_cfg, seq_len, **kw)
     if args.method != "all":

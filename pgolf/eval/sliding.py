@@ -6,6 +6,9 @@ The first window scores all of its positions; each later one scores at most its 
 scored ranges tile 0..n-2 exactly, so the tail is never dropped: the last window keeps its start and is cut
 short (it scores fewer than `stride` positions, with the same seq_len - stride context as the others). With
 stride == seq_len the windows are exactly those of the plain evaluation.
+
+`score_windows` is the reference path; by default the windows go through pgolf.eval.scoring's WindowScorer
+(same batches, the head on each window's scored positions only, compiled on CUDA).
 """
 
 import time
@@ -17,11 +20,11 @@ from pgolf.eval.bpb import (
     BpbAccumulator,
     PerTokenScores,
     check_eval_inputs,
-    model_device,
     rank_span,
     score_rows,
     stream_byte_cumsum,
 )
+from pgolf.eval.scoring import WindowScorer, check_scorer, model_device
 
 
 def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -62,20 +65,27 @@ def score_windows(model, tokens: torch.Tensor, windows, batch_seqs: int, byte_cu
 
 
 def evaluate_sliding(model, val_tokens: torch.Tensor, lut, seq_len: int, stride: int, batch_seqs: int,
-                     rank: int = 0, world_size: int = 1, return_per_token: bool = False, inspect=None) -> dict:
-    """Sliding-window val loss and bpb; windows split across ranks, under inference mode."""
+                     rank: int = 0, world_size: int = 1, return_per_token: bool = False, inspect=None,
+                     scorer: str = "auto") -> dict:
+    """Sliding-window val loss and bpb; windows split across ranks, under inference mode. `scorer` picks the
+    path (pgolf.eval.scoring: auto | compiled | eager | reference)."""
     check_eval_inputs(val_tokens, seq_len, batch_seqs)
+    check_scorer(scorer)
     t0 = time.perf_counter()
     tokens = val_tokens.cpu().long()
     windows = sliding_windows(tokens.numel(), seq_len, stride)
     lo, hi = rank_span(len(windows), rank, world_size)
+    byte_cum = stream_byte_cumsum(tokens, lut)
     acc = BpbAccumulator(model_device(model))
     per_token = PerTokenScores(tokens.numel()) if return_per_token else None
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        score_windows(model, tokens, windows[lo:hi], batch_seqs, stream_byte_cumsum(tokens, lut), acc,
-                      per_token, inspect)
+        if scorer == "reference":
+            score_windows(model, tokens, windows[lo:hi], batch_seqs, byte_cum, acc, per_token, inspect)
+        else:
+            WindowScorer(model, tokens, [windows[lo:hi]], batch_seqs, stride, byte_cum, scorer, per_token,
+                         inspect).score_group(0, acc)
     model.train(was_training)
     acc.all_reduce()
     out = acc.result()

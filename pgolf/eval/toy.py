@@ -2,6 +2,7 @@
 
 `model(x)` gives float32 logits (B, T, V); `model(x, y, reduction="none")` the per-token NLL (B, T).
 One causal self-attention layer and an MLP, all matrices `nn.Linear`, so that LoRA adapters attach to it.
+Like pgolf.model.gpt.GPT it offers the head split `forward_hidden` / `head_logits` of pgolf.eval.scoring.
 """
 
 import math
@@ -33,9 +34,14 @@ class EvalToyModel(nn.Module):
         h = h + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))
         return h + self.out(F.relu(self.fc(F.rms_norm(h, (d,)))).square())
 
+    def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.hidden(input_ids)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(F.rms_norm(hidden, (hidden.shape[-1],))).float()
+
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor | None = None, reduction: str = "mean"):
-        h = self.hidden(input_ids)
-        logits = self.head(F.rms_norm(h, (h.shape[-1],))).float()
+        logits = self.head_logits(self.forward_hidden(input_ids))
         if target_ids is None:
             return logits
         nll = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction=reduction)

@@ -7,27 +7,39 @@ ttt_epochs epochs of SGD with momentum, lr = ttt_lr * 0.5 (1 + cos(pi c / (N - 1
 weight of a deep copy; mode "lora" adds zero-initialised low-rank adapters to every nn.Linear and adapts only
 those. The event trace (score / update, with the update count and the token range) lets
 pgolf.eval.legality prove that every token was scored once, before any update that used it.
+
+Scoring goes through pgolf.eval.scoring (the scorer mode of eval.compile, or the `scorer` argument): the stream
+on the device, the head on scored positions only, the scoring forward compiled on CUDA. The adaptation step's
+forward and backward are compiled too where enough steps share one shape to repay the compile
+(TTT_COMPILE_MIN_STEPS); a short last chunk's steps run eagerly.
 """
 
 import copy
 import math
 import time
+from collections import Counter
 
 import torch
 from torch import nn
 
 from pgolf.dist import all_reduce_max, is_dist_active
 from pgolf.errors import UserError
-from pgolf.eval.bpb import (
-    BpbAccumulator,
-    PerTokenScores,
-    check_eval_inputs,
+from pgolf.eval.bpb import BpbAccumulator, PerTokenScores, check_eval_inputs, rank_span, stream_byte_cumsum
+from pgolf.eval.scoring import (
+    StaticShapeCompile,
+    WindowScorer,
+    check_scorer,
+    compile_min_count,
     eval_autocast,
     model_device,
-    rank_span,
-    stream_byte_cumsum,
+    scorer_for,
 )
 from pgolf.eval.sliding import score_windows, sliding_windows
+
+# Compiling the record model's forward and backward costs tens of seconds (less with a warm inductor cache);
+# compiled, a step of 15 x 2048 tokens takes tens of milliseconds less than eagerly: a step shape needs a few
+# hundred steps to repay it (the default 3 epochs over the 98 adapted chunks of wiki-sp1024 make 294).
+TTT_COMPILE_MIN_STEPS = 256
 
 
 class TttLoraAdapter(nn.Module):
@@ -86,27 +98,55 @@ def ttt_lr_at(chunk: int, n_chunks: int, base_lr: float) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * chunk / (n_chunks - 1)))
 
 
+def ttt_step_nll_sum(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The summed NLL of one adaptation batch, through the model's training forward."""
+    return model(x, y, reduction="none").float().sum()
+
+
+def ttt_step_shape_counts(cfg, seq_len: int, n_chunks: int, rank: int, world_size: int) -> Counter:
+    """{(rows, length): steps} of this rank's adaptation steps on full chunks over a whole run (a short last
+    chunk's steps are not counted: they run eagerly)."""
+    usable = cfg.ttt_chunk_tokens - 1
+    length = min(seq_len, usable)
+    shapes = Counter()
+    if length < 1:
+        return shapes
+    n_seqs = usable // length
+    for a in range(0, n_seqs, cfg.ttt_batch_seqs):
+        r0, r1 = rank_span(min(a + cfg.ttt_batch_seqs, n_seqs) - a, rank, world_size)
+        if r1 > r0:
+            shapes[(r1 - r0, length)] += (n_chunks - 1) * cfg.ttt_epochs
+    return shapes
+
+
 def ttt_train_chunk(model, params, opt, tokens, lo: int, hi: int, seq_len: int, cfg, rank: int,
-                    world_size: int, trace: list, chunk: int, updates: int) -> int:
-    """ttt_epochs epochs over non-overlapping sequences of tokens[lo:hi]; returns the new update count."""
+                    world_size: int, trace: list, chunk: int, updates: int, step=None) -> int:
+    """ttt_epochs epochs over non-overlapping sequences of tokens[lo:hi]; returns the new update count.
+
+    tokens may live on the host or on the model's device; step((rows, length), model, x, y), if given, is
+    the summed NLL of a batch (a StaticShapeCompile of ttt_step_nll_sum), else ttt_step_nll_sum eagerly."""
     length = min(seq_len, hi - lo - 1)
     if length < 1:
         return updates
     n_seqs = (hi - lo - 1) // length
     device = model_device(model)
+    cols = torch.arange(length, device=tokens.device)
     model.train()
     for _ in range(cfg.ttt_epochs):
         for a in range(0, n_seqs, cfg.ttt_batch_seqs):
             b = min(a + cfg.ttt_batch_seqs, n_seqs)
             r0, r1 = rank_span(b - a, rank, world_size)
-            pos = lo + (torch.arange(a + r0, a + r1) * length)[:, None] + torch.arange(length)[None]
             opt.zero_grad(set_to_none=False)
             if r1 > r0:
+                pos = lo + (torch.arange(a + r0, a + r1, device=tokens.device) * length)[:, None] + cols
                 x, y = tokens[pos].to(device), tokens[pos + 1].to(device)
                 with eval_autocast(device):
-                    nll = model(x, y, reduction="none")
+                    if step is None:
+                        nll_sum = ttt_step_nll_sum(model, x, y)
+                    else:
+                        nll_sum = step((r1 - r0, length), model, x, y)
                 # the mean over all ranks' tokens of this step, once the grads are summed over ranks
-                (nll.float().sum() / ((b - a) * length)).backward()
+                (nll_sum / ((b - a) * length)).backward()
             ttt_sum_grads(params)
             if cfg.ttt_grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
@@ -135,30 +175,56 @@ def prepare_ttt_model(model, cfg) -> tuple[nn.Module, list[nn.Parameter]]:
     return work, params
 
 
+def ttt_step_compile(cfg, seq_len: int, n_chunks: int, scorer: str, device, rank: int,
+                     world_size: int) -> StaticShapeCompile:
+    """The adaptation step's summed NLL, compiled for the step shapes that occur often enough."""
+    min_count = compile_min_count(scorer, device, TTT_COMPILE_MIN_STEPS)
+    shapes = ttt_step_shape_counts(cfg, seq_len, n_chunks, rank, world_size)
+    compiled = {s for s, k in shapes.items() if min_count is not None and k >= min_count}
+    return StaticShapeCompile(ttt_step_nll_sum, compiled, "TTT step")
+
+
+def ttt_chunk_scorer(work, tokens, parts: list, cfg, stride: int, byte_cum, scorer: str, per_token, inspect):
+    """score(c, acc): this rank's windows of chunk c (parts[c]) through the reference or the fast path."""
+    if scorer == "reference":
+        return lambda c, acc: score_windows(work, tokens, parts[c], cfg.batch_seqs, byte_cum, acc, per_token,
+                                            inspect)
+    return WindowScorer(work, tokens, parts, cfg.batch_seqs, stride, byte_cum, scorer, per_token,
+                        inspect).score_group
+
+
 def evaluate_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, rank: int = 0, world_size: int = 1,
-                 return_per_token: bool = False, inspect=None) -> dict:
+                 return_per_token: bool = False, inspect=None, scorer: str | None = None) -> dict:
     """Score-first TTT over sliding windows (stride cfg.sliding_stride, or seq_len when 0); `cfg` is an
-    EvalConfig. The result adds "chunks", "updates", "adapted_chunks" and the event "trace"."""
+    EvalConfig. The result adds "chunks", "updates", "adapted_chunks" and the event "trace". `scorer`
+    (pgolf.eval.scoring's modes) overrides the one eval.compile picks; "reference" also adapts eagerly."""
     check_eval_inputs(val_tokens, seq_len, cfg.batch_seqs)
     if cfg.ttt_chunk_tokens < 1:
         raise UserError(f"eval.ttt_chunk_tokens={cfg.ttt_chunk_tokens} must be at least 1")
+    scorer = check_scorer(scorer or scorer_for(cfg))
     t0 = time.perf_counter()
     tokens = val_tokens.cpu().long()
     n = tokens.numel()
-    windows = sliding_windows(n, seq_len, cfg.sliding_stride or seq_len)
+    stride = cfg.sliding_stride or seq_len
+    windows = sliding_windows(n, seq_len, stride)
     n_chunks = max(1, math.ceil(n / cfg.ttt_chunk_tokens))
     groups = ttt_chunk_windows(windows, cfg.ttt_chunk_tokens, n_chunks)
+    parts = [group[slice(*rank_span(len(group), rank, world_size))] for group in groups]
     byte_cum = stream_byte_cumsum(tokens, lut)
     work, params = prepare_ttt_model(model, cfg)
-    opt = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
-    acc = BpbAccumulator(model_device(work))
+    device = model_device(work)
+    stream = tokens if scorer == "reference" else tokens.to(device)
     per_token = PerTokenScores(n) if return_per_token else None
+    score_chunk = ttt_chunk_scorer(work, stream, parts, cfg, stride, byte_cum, scorer, per_token, inspect)
+    step = None if scorer == "reference" else ttt_step_compile(cfg, seq_len, n_chunks, scorer, device, rank,
+                                                                world_size)
+    opt = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
+    acc = BpbAccumulator(device)
     trace, updates, adapted, scored_upto, adapting = [], 0, 0, 0, True
     for c, group in enumerate(groups):
-        lo, hi = rank_span(len(group), rank, world_size)
         work.eval()
-        with torch.no_grad():
-            score_windows(work, tokens, group[lo:hi], cfg.batch_seqs, byte_cum, acc, per_token, inspect)
+        with torch.inference_mode():  # as evaluate_sliding: its compiled scoring forward serves here too
+            score_chunk(c, acc)
         if group:
             scored_upto = group[-1][2]  # the last target scored so far
             trace.append({"event": "score", "chunk": c, "updates": updates,
@@ -166,6 +232,8 @@ def evaluate_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, rank: 
         if c == n_chunks - 1:
             break
         if adapting and cfg.ttt_time_limit_s > 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the clock must see the work done, not the work queued
             adapting = all_reduce_max(time.perf_counter() - t0) <= cfg.ttt_time_limit_s
             if not adapting:
                 trace.append({"event": "stop_adapting", "chunk": c, "updates": updates})
@@ -176,8 +244,8 @@ def evaluate_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, rank: 
         chunk_lo = c * cfg.ttt_chunk_tokens
         chunk_hi = min((c + 1) * cfg.ttt_chunk_tokens, scored_upto + 1)
         before = updates
-        updates = ttt_train_chunk(work, params, opt, tokens, chunk_lo, chunk_hi, seq_len, cfg, rank, world_size,
-                                  trace, c, updates)
+        updates = ttt_train_chunk(work, params, opt, stream, chunk_lo, chunk_hi, seq_len, cfg, rank, world_size,
+                                  trace, c, updates, step)
         adapted += updates > before
     acc.all_reduce()
     out = acc.result()

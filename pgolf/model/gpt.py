@@ -150,7 +150,7 @@ class GPT(nn.Module):
                 if bits is not None:
                     module.qat_bits = bits
                 if clip_k is not None:
-                    module.qat_clip_k = clip_k
+                    module.qat_clip_k.fill_(float(clip_k))
 
     def embed_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
         """x0, the input of the first block: embedding (+ bigram), RMSNorm, then SmearGate."""
@@ -187,11 +187,17 @@ class GPT(nn.Module):
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """float32 logits (B, T, V) after the softcap."""
-        x = self.final_norm(self.run_blocks(self.embed_inputs(input_ids), input_ids))
-        if self.head is None:
-            logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
-        else:
-            logits = self.head(x)
+        return self.head_logits(self.forward_hidden(input_ids))
+
+    def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The last block's output (B, T, D), before final_norm: with head_logits, `logits` split in two so
+        that a scorer can apply the head to only the positions it scores (pgolf.eval.scoring)."""
+        return self.run_blocks(self.embed_inputs(input_ids), input_ids)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits (..., V) after the softcap of hidden states from forward_hidden; position-wise."""
+        x = self.final_norm(hidden)
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.head is None else self.head(x)
         return softcap_logits(logits.float(), self.cfg.logit_softcap)
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor | None = None,

@@ -1,0 +1,193 @@
+"""The fast scoring path of the plain, sliding and TTT evaluations: the reference path's numbers, in a
+fraction of its time on a GPU.
+
+The reference path (`pgolf.eval.bpb.score_rows`) gathers each batch on the host, copies it over, runs the
+model's full forward (logits for every position) eagerly and adds the batch's sums, a few host syncs per batch.
+This path scores the same windows in the same batches, with the same per-token arithmetic:
+
+- the token stream and the window table live on the model's device: a batch's (B, T) inputs are gathered
+  there, with no copy from the host and no host sync per batch;
+- the blocks run on the whole window, the head only on the positions the batch scores: its last `keep`
+  positions (`stride` for sliding windows; the whole window for the plain windows, the first sliding window
+  and a short stream). A model offering the split `forward_hidden(ids)` / `head_logits(hidden)`
+  (pgolf.model.gpt.GPT) gets the head on those positions alone; any other model runs its forward, cut;
+- NLL sums stay on the device (float64, one reduction per batch as the reference); token and byte counts come
+  from the window table, on the host, once; the caller reads the result once, at the end;
+- the scoring forward can be torch.compile'd with static shapes (dynamic=False). A batch's signature is
+  (window length, keep) (rows are padded to batch_seqs), so an evaluation has a few: the bulk, the first
+  batch (keep = length) and the tail window (shorter). In "auto" mode only the signatures with at least
+  SCORE_COMPILE_MIN_BATCHES batches are compiled; the rest run the same function eagerly, so that a rare
+  shape never costs a compile.
+
+Scorer modes: "auto" (compiled on CUDA for the frequent signatures, eager elsewhere), "compiled" (every
+signature compiled, on any device: for tests), "eager" (this path, never compiled) and "reference".
+"""
+
+import contextlib
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pgolf.errors import UserError
+
+SCORER_MODES = ("auto", "compiled", "eager", "reference")
+# A compile of the record model's scoring forward costs tens of seconds; compiled, a batch of 32 windows of
+# 2048 tokens takes tens of milliseconds less than eagerly: a shape needs a few hundred batches to repay it.
+SCORE_COMPILE_MIN_BATCHES = 256
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def eval_autocast(device: torch.device):
+    """bf16 autocast on CUDA, nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def scorer_for(eval_cfg) -> str:
+    """The scorer mode an EvalConfig asks for: "auto" when eval.compile is on, else "eager"."""
+    return "auto" if eval_cfg.compile else "eager"
+
+
+def check_scorer(scorer: str) -> str:
+    if scorer not in SCORER_MODES:
+        raise UserError(f"scorer={scorer!r} is not one of {'|'.join(SCORER_MODES)}")
+    return scorer
+
+
+def compile_min_count(scorer: str, device: torch.device, auto_min: int) -> int | None:
+    """The fewest calls of one signature that earn it a compile; None: nothing is compiled."""
+    if scorer == "compiled":
+        return 1
+    if scorer == "auto" and device.type == "cuda":
+        return auto_min
+    return None
+
+
+def has_head_split(model) -> bool:
+    return callable(getattr(model, "forward_hidden", None)) and callable(getattr(model, "head_logits", None))
+
+
+def split_tail_nll(model, x: torch.Tensor, y: torch.Tensor, keep: int) -> torch.Tensor:
+    """NLL (B, keep) float32 of each row's last `keep` positions: the blocks on the whole window, the head
+    on those positions only."""
+    cut = x.size(1) - keep
+    logits = model.head_logits(model.forward_hidden(x)[:, cut:])
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[:, cut:].reshape(-1), reduction="none")
+    return nll.view(x.size(0), keep).float()
+
+
+def full_tail_nll(model, x: torch.Tensor, y: torch.Tensor, keep: int) -> torch.Tensor:
+    """The same through the model contract's forward (every position), cut to the last `keep`."""
+    return model(x, y, reduction="none")[:, x.size(1) - keep:].float()
+
+
+class StaticShapeCompile:
+    """fn(*args) compiled with static shapes (dynamic=False) for the listed signatures only; every other
+    signature runs fn eagerly. If a compiled call fails, a warning says why and fn runs eagerly from then on
+    (the eager function is the reference; an error of its own still raises)."""
+
+    def __init__(self, fn, signatures, name: str):
+        self.fn, self.name = fn, name
+        self.signatures = set(signatures)
+        self.compiled = torch.compile(fn, dynamic=False) if self.signatures else None
+
+    def __call__(self, signature, *args):
+        if signature not in self.signatures:
+            return self.fn(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as e:  # noqa: BLE001 - a compiler failure of any kind: fall back to the reference
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"{self.name}: torch.compile failed ({type(e).__name__}: {first_line}); running eagerly",
+                          RuntimeWarning, stacklevel=2)
+            self.signatures.clear()
+            return self.fn(*args)
+
+
+@dataclass
+class WindowBatch:
+    first: int  # index of its first window in the scorer's table
+    rows: int  # windows in it; the batch is padded to batch_seqs rows with copies of its first window
+    length: int  # tokens each window reads
+    keep: int  # its last `keep` positions go through the head
+
+
+def plan_window_batches(windows, first_index: int, batch_seqs: int, keep: int) -> list[WindowBatch]:
+    """Consecutive windows of the same length, batch_seqs at a time (the reference's batches); a batch keeps
+    `keep` positions when none of its windows scores more, else all of them."""
+    batches, i = [], 0
+    while i < len(windows):
+        length = windows[i][2] - windows[i][0]
+        j = i
+        while j < len(windows) and j - i < batch_seqs and windows[j][2] - windows[j][0] == length:
+            j += 1
+        scored = max(w[2] - w[1] for w in windows[i:j])
+        batches.append(WindowBatch(first_index + i, j - i, length, min(keep, length) if scored <= keep else length))
+        i = j
+    return batches
+
+
+class WindowScorer:
+    """Scores groups of (start, score_from, end) windows on the model's device (module docstring).
+
+    `groups` is a list of window lists, scored one group per `score_group` call (TTT scores one chunk at a
+    time, adapting the model in between); tokens is the whole stream (CPU or device) and byte_cum its
+    pgolf.eval.bpb.stream_byte_cumsum. per_token and inspect are those of the reference path."""
+
+    def __init__(self, model, tokens: torch.Tensor, groups: list, batch_seqs: int, keep: int,
+                 byte_cum: torch.Tensor, scorer: str = "auto", per_token=None, inspect=None):
+        device = model_device(model)
+        self.model, self.per_token, self.inspect = model, per_token, inspect
+        self.tokens = tokens.to(device)
+        table = torch.tensor([w for group in groups for w in group], dtype=torch.int64).view(-1, 3)
+        self.table = table.to(device)
+        self.batches, self.counts, first = [], [], 0
+        for group in groups:
+            self.batches.append(plan_window_batches(group, first, batch_seqs, keep))
+            rows = table[first:first + len(group)]
+            n_bytes = byte_cum[rows[:, 2]] - byte_cum[rows[:, 1]]
+            self.counts.append((int((rows[:, 2] - rows[:, 1]).sum()), int(n_bytes.sum())))
+            first += len(group)
+        self.row_ids = torch.arange(batch_seqs, device=device)
+        self.col_ids = torch.arange(max([b.length for bs in self.batches for b in bs], default=1), device=device)
+        min_count = compile_min_count(check_scorer(scorer), device, SCORE_COMPILE_MIN_BATCHES)
+        shapes = Counter((b.length, b.keep) for bs in self.batches for b in bs)
+        compiled = {s for s, n in shapes.items() if min_count is not None and n >= min_count}
+        fn = split_tail_nll if has_head_split(model) else full_tail_nll
+        self.forward = StaticShapeCompile(fn, compiled, "scoring forward")
+
+    def score_group(self, g: int, acc) -> None:
+        """Score group g's windows in order and add their NLL sum, tokens and bytes to acc."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.table.device)
+        for b in self.batches[g]:
+            win = self.table[(b.first + self.row_ids).clamp_max(b.first + b.rows - 1)]
+            pos = win[:, :1] + self.col_ids[:b.length]
+            x, y = self.tokens[pos], self.tokens[pos + 1]
+            with eval_autocast(x.device):
+                nll = self.forward((b.length, b.keep), self.model, x, y, b.keep)
+            tail = self.col_ids[b.length - b.keep:b.length]
+            mask = (tail[None] >= win[:, 1:2] - win[:, :1]) & (self.row_ids < b.rows)[:, None]
+            loss_sum += torch.where(mask, nll.double(), 0.0).sum()
+            if self.per_token is not None or self.inspect is not None:
+                self.record(pos[:, b.length - b.keep:], x, y, nll, mask)
+        acc.add(loss_sum, *self.counts[g])
+
+    def record(self, tail_pos: torch.Tensor, x, y, nll: torch.Tensor, mask: torch.Tensor) -> None:
+        """Per-token scores and the inspect hook, on full (B, T) views (slow: host copies; legality checks)."""
+        if self.per_token is not None:
+            host_mask = mask.cpu()
+            self.per_token.record(tail_pos.cpu()[host_mask] + 1, nll.cpu()[host_mask])
+        if self.inspect is not None:
+            keep = nll.size(1)
+            full_nll = nll.new_zeros(x.shape)
+            full_nll[:, x.size(1) - keep:] = nll
+            full_mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+            full_mask[:, x.size(1) - keep:] = mask
+            self.inspect(self.model, x, y, full_nll, full_mask)
