@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     ("pgolf.train.commands", "add_train_commands"),
     ("pgolf.quant.commands", "add_quant_commands"),
     ("pgolf.eval.commands", "add_eval_commands"),
+    ("pgolf.bench.commands", "add_bench_commands"),
     ("pgolf.experiments.commands", "add_experiments_commands"),
     ("pgolf.export.commands", "add_export_commands"),
     ("pgolf.demo", "add_demo_commands"),

@@ -1,0 +1,97 @@
+"""Evaluation throughput: tokens/s of pgolf.eval's sliding-window and score-first TTT evaluations.
+
+Each evaluation runs as a run's finish does: the uncompiled model, eval.seq_len (or train.seq_len), the
+EvalConfig's stride, batch sizes, chunks and epochs, windows split over the ranks. The stream is the first
+n tokens of the validation shards, or seeded random tokens without data. One short untimed pass first warms
+up kernels and allocations (for TTT it covers one adapted chunk). Bytes come from a table of one byte per
+token: a benchmark's bpb means nothing, so none is reported. tokens/s = scored target tokens / seconds.
+"""
+
+import time
+from pathlib import Path
+
+import torch
+
+from pgolf.bench.profile import synchronize
+from pgolf.config import RunConfig
+from pgolf.data.bytes import ByteLUT
+from pgolf.data.loader import load_val_tokens
+from pgolf.data.shards import FILE_AUDIT
+from pgolf.dist import DistEnv
+from pgolf.eval.sliding import evaluate_sliding
+from pgolf.eval.ttt import evaluate_ttt
+
+
+def uniform_byte_lut(vocab_size: int) -> ByteLUT:
+    """Every token one byte, no spaces, no boundaries."""
+    return ByteLUT(base_bytes=torch.ones(vocab_size, dtype=torch.int16),
+                   has_space=torch.zeros(vocab_size, dtype=torch.bool),
+                   is_boundary=torch.zeros(vocab_size, dtype=torch.bool))
+
+
+def bench_eval_tokens(cfg: RunConfig, n_tokens: int, val_files: list[Path] | None) -> torch.Tensor:
+    """The first n_tokens of the validation shards (FILE_AUDIT phase "eval"), or seeded random ids."""
+    if val_files:
+        with FILE_AUDIT.phase("eval"):
+            return load_val_tokens(val_files, vocab_size=cfg.model.vocab_size)[:n_tokens]
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    return torch.randint(0, cfg.model.vocab_size, (n_tokens,), generator=generator)
+
+
+def timed_throughput(run, device: torch.device) -> dict:
+    """Run one evaluation between device synchronizes; its scored tokens, seconds and tokens/s."""
+    synchronize(device)
+    start = time.perf_counter()
+    res = run()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"tokens": res["tokens"], "seconds": seconds, "tokens_per_s": res["tokens"] / seconds, "result": res}
+
+
+def bench_sliding(model, cfg: RunConfig, tokens: torch.Tensor, denv: DistEnv) -> dict:
+    e = cfg.eval
+    seq_len = e.seq_len or cfg.train.seq_len
+    lut = uniform_byte_lut(cfg.model.vocab_size)
+
+    def run(stream):
+        return evaluate_sliding(model, stream, lut, seq_len, e.sliding_stride, e.batch_seqs, denv.rank,
+                                denv.world_size)
+
+    run(tokens[: seq_len + e.sliding_stride * e.batch_seqs + 1])
+    out = timed_throughput(lambda: run(tokens), denv.device)
+    res = out.pop("result")
+    out.update({"seq_len": seq_len, "stride": e.sliding_stride, "batch_seqs": e.batch_seqs,
+                "windows": res["windows"]})
+    return out
+
+
+def bench_ttt(model, cfg: RunConfig, tokens: torch.Tensor, denv: DistEnv) -> dict:
+    e = cfg.eval
+    seq_len = e.seq_len or cfg.train.seq_len
+    lut = uniform_byte_lut(cfg.model.vocab_size)
+
+    def run(stream):
+        return evaluate_ttt(model, stream, lut, e, seq_len, denv.rank, denv.world_size)
+
+    run(tokens[: e.ttt_chunk_tokens + seq_len + 1])
+    out = timed_throughput(lambda: run(tokens), denv.device)
+    res = out.pop("result")
+    out.update({"seq_len": seq_len, "stride": e.sliding_stride or seq_len, "mode": e.ttt_mode,
+                "epochs": e.ttt_epochs, "chunk_tokens": e.ttt_chunk_tokens, "chunks": res["chunks"],
+                "adapted_chunks": res["adapted_chunks"], "updates": res["updates"]})
+    return out
+
+
+def bench_eval(model, cfg: RunConfig, denv: DistEnv, n_tokens: int, val_files: list[Path] | None = None) -> dict:
+    """tokens/s of the sliding and TTT evaluations the config enables (a "skipped" reason for the others)."""
+    tokens = bench_eval_tokens(cfg, n_tokens, val_files)
+    out = {"stream_tokens": int(tokens.numel()), "data": "val shards" if val_files else "random tokens"}
+    if cfg.eval.sliding_stride > 0:
+        out["sliding"] = bench_sliding(model, cfg, tokens, denv)
+    else:
+        out["sliding"] = {"skipped": "eval.sliding_stride=0 (--set eval.sliding_stride=64 to bench it)"}
+    if cfg.eval.ttt:
+        out["ttt"] = bench_ttt(model, cfg, tokens, denv)
+    else:
+        out["ttt"] = {"skipped": "eval.ttt=false (--set eval.ttt=true to bench it)"}
+    return out
