@@ -134,10 +134,22 @@ def evaluate_plain(model, val_tokens: torch.Tensor, lut, seq_len: int, batch_seq
     picks the path (pgolf.eval.scoring: auto | compiled | eager | reference).
     """
     check_eval_inputs(val_tokens, seq_len, batch_seqs)
+
+    def reference(tokens, lo, hi, byte_cum, acc, per_token):
+        score_plain_reference(model, tokens, seq_len, batch_seqs, lo, hi, byte_cum, acc, per_token, inspect)
+
+    return evaluate_windows(model, val_tokens, lut, plain_windows(val_tokens.numel(), seq_len), seq_len,
+                            batch_seqs, rank, world_size, return_per_token, inspect, scorer, reference)
+
+
+def evaluate_windows(model, val_tokens: torch.Tensor, lut, windows, keep: int, batch_seqs: int, rank: int,
+                     world_size: int, return_per_token: bool, inspect, scorer: str, reference) -> dict:
+    """The body shared by the plain and sliding evaluations: this rank's share of `windows` scored under
+    inference mode by the fast path (each later window keeps its last `keep` positions) or, for scorer
+    "reference", by `reference(tokens, lo, hi, byte_cum, acc, per_token)`; then reduced across ranks."""
     check_scorer(scorer)
     t0 = time.perf_counter()
     tokens = val_tokens.cpu().long()
-    windows = plain_windows(tokens.numel(), seq_len)
     lo, hi = rank_span(len(windows), rank, world_size)
     byte_cum = stream_byte_cumsum(tokens, lut)
     acc = BpbAccumulator(model_device(model))
@@ -146,9 +158,9 @@ def evaluate_plain(model, val_tokens: torch.Tensor, lut, seq_len: int, batch_seq
     model.eval()
     with torch.inference_mode():
         if scorer == "reference":
-            score_plain_reference(model, tokens, seq_len, batch_seqs, lo, hi, byte_cum, acc, per_token, inspect)
+            reference(tokens, lo, hi, byte_cum, acc, per_token)
         else:
-            WindowScorer(model, tokens, [windows[lo:hi]], batch_seqs, seq_len, byte_cum, scorer, per_token,
+            WindowScorer(model, tokens, [windows[lo:hi]], batch_seqs, keep, byte_cum, scorer, per_token,
                          inspect).score_group(0, acc)
     model.train(was_training)
     acc.all_reduce()

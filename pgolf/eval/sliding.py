@@ -11,8 +11,6 @@ stride == seq_len the windows are exactly those of the plain evaluation.
 (same batches, the head on each window's scored positions only, compiled on CUDA).
 """
 
-import time
-
 import torch
 
 from pgolf.errors import UserError
@@ -20,11 +18,9 @@ from pgolf.eval.bpb import (
     BpbAccumulator,
     PerTokenScores,
     check_eval_inputs,
-    rank_span,
+    evaluate_windows,
     score_rows,
-    stream_byte_cumsum,
 )
-from pgolf.eval.scoring import WindowScorer, check_scorer, model_device
 
 
 def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -70,27 +66,12 @@ def evaluate_sliding(model, val_tokens: torch.Tensor, lut, seq_len: int, stride:
     """Sliding-window val loss and bpb; windows split across ranks, under inference mode. `scorer` picks the
     path (pgolf.eval.scoring: auto | compiled | eager | reference)."""
     check_eval_inputs(val_tokens, seq_len, batch_seqs)
-    check_scorer(scorer)
-    t0 = time.perf_counter()
-    tokens = val_tokens.cpu().long()
-    windows = sliding_windows(tokens.numel(), seq_len, stride)
-    lo, hi = rank_span(len(windows), rank, world_size)
-    byte_cum = stream_byte_cumsum(tokens, lut)
-    acc = BpbAccumulator(model_device(model))
-    per_token = PerTokenScores(tokens.numel()) if return_per_token else None
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        if scorer == "reference":
-            score_windows(model, tokens, windows[lo:hi], batch_seqs, byte_cum, acc, per_token, inspect)
-        else:
-            WindowScorer(model, tokens, [windows[lo:hi]], batch_seqs, stride, byte_cum, scorer, per_token,
-                         inspect).score_group(0, acc)
-    model.train(was_training)
-    acc.all_reduce()
-    out = acc.result()
-    out["seconds"] = time.perf_counter() - t0
+    windows = sliding_windows(val_tokens.numel(), seq_len, stride)
+
+    def reference(tokens, lo, hi, byte_cum, acc, per_token):
+        score_windows(model, tokens, windows[lo:hi], batch_seqs, byte_cum, acc, per_token, inspect)
+
+    out = evaluate_windows(model, val_tokens, lut, windows, stride, batch_seqs, rank, world_size,
+                           return_per_token, inspect, scorer, reference)
     out["windows"] = len(windows)
-    if per_token is not None:
-        out.update(per_token.as_dict())
     return out
