@@ -8,9 +8,14 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch._dynamo  # noqa: F401  (before any process group: see below)
 import torch.distributed as dist
 
 from pgolf.errors import UserError
+
+# torch._dynamo must be imported before the first process group is created. Imported later (creating any
+# torch.optim optimizer imports it), it keeps the group alive past destroy_process_group: gloo's threads then
+# outlive the interpreter and abort the process at exit (SIGABRT after a successful run).
 
 
 @dataclass

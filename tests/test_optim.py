@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+import pgolf.dist  # noqa: F401  (imports torch._dynamo before the workers' process groups; see pgolf/dist.py)
 from pgolf.config import OptimConfig, TrainConfig
 from pgolf.errors import UserError
 from pgolf.optim.builder import broadcast_parameters, build_optimizers
@@ -393,6 +394,20 @@ def dist_worker(rank: int, world_size: int, out_dir: str, backend: str) -> None:
         write_tensors(os.path.join(out_dir, f"rank{rank}.pgt"), tensors, {})
     finally:
         dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.threads"), "w") as f:
+        f.write(str(len(gloo_threads())))
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux): none may survive destroy_process_group."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return []
+    names = []
+    for t in os.listdir(tasks):
+        with open(os.path.join(tasks, t, "comm")) as f:
+            names.append(f.read().strip())
+    return [n for n in names if "gloo" in n]
 
 
 @pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
@@ -406,6 +421,9 @@ def test_two_process_sharded_step_equals_single_process(backend):
         mp.spawn(dist_worker, args=(2, out_dir, backend), nprocs=2, join=True)
         r0, _ = read_tensors(os.path.join(out_dir, "rank0.pgt"))
         r1, _ = read_tensors(os.path.join(out_dir, "rank1.pgt"))
+        threads_left = [open(os.path.join(out_dir, f"rank{r}.threads")).read() for r in range(2)]
+    if backend == "gloo" and os.path.isdir("/proc/self/task"):
+        assert threads_left == ["0", "0"], f"gloo threads alive after destroy_process_group: {threads_left}"
 
     torch.manual_seed(100)  # rank 0's init, which the broadcast gave both ranks
     model = TinyNet(tie_embeddings=False)
