@@ -59,7 +59,8 @@ def probe(run_dir: Path, min_numel: int = 65_536) -> None:
         bits = entropy_bits(allq)
         sample = allq[: 4 << 20].numpy().tobytes()
         lz = len(lzma.compress(sample, preset=6)) / len(sample)
-        print(f"int{nbits} {method:4s} {clip:7s} k={k:5.2f}  entropy {bits:.3f} b/v  est {allq.numel() * bits / 8 / 1e6:6.2f} MB"
+        est_mb = allq.numel() * bits / 8 / 1e6
+        print(f"int{nbits} {method:4s} {clip:7s} k={k:5.2f}  entropy {bits:.3f} b/v  est {est_mb:6.2f} MB"
               f"  lzma6 {lz * 8:.3f} b/v ({allq.numel() * lz / 1e6:6.2f} MB)  H-err {err:.4g}  {dt:.1f}s")
 
 

@@ -116,7 +116,7 @@ class QuantConfig:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block_size: int = 128
     act_order: bool = True
-    calib_batches: int = 64  # training batches (per rank) for the Hessians
+    calib_batches: int = 32  # training batches (per rank) for the Hessians (32 x 98k tokens: ~4 s on an H100)
     passthrough_numel: int = 65_536  # tensors this small are stored as fp16
     codec: str = "auto"  # auto | zlib | lzma | zstd | brotli (auto = smallest)
     size_cap: int = 16_000_000  # decimal bytes, code + artifact

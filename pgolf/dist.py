@@ -4,11 +4,11 @@ torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them the run is a single 
 is created, so every helper below also works at world_size 1 with plain numbers.
 """
 
+import importlib
 import os
 from dataclasses import dataclass
 
 import torch
-import torch._dynamo  # noqa: F401  (before any process group: see below)
 import torch.distributed as dist
 
 from pgolf.errors import UserError
@@ -16,6 +16,7 @@ from pgolf.errors import UserError
 # torch._dynamo must be imported before the first process group is created. Imported later (creating any
 # torch.optim optimizer imports it), it keeps the group alive past destroy_process_group: gloo's threads then
 # outlive the interpreter and abort the process at exit (SIGABRT after a successful run).
+importlib.import_module("torch._dynamo")
 
 
 @dataclass

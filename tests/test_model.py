@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pgolf.model.attention import SDPA_BACKENDS, reference_attention, sdpa_attention
 from pgolf.model.features import SMEAR_BOS_ID
-from pgolf.model.gpt import GPT, BlockMLP, virtual_layer_order
+from pgolf.model.gpt import GPT, BlockMLP, leaky_relu_squared, virtual_layer_order
 from pgolf.model.layers import CastedLinear
 from pgolf.quant.formats import fake_quantize_rows
 from pgolf.recipes import recipe_record, recipe_tiny
@@ -162,10 +162,37 @@ def test_mlp_slope_zero_is_relu_squared_and_slope_is_read_at_runtime():
     x = torch.randn(4, 16)
     with torch.no_grad():
         assert torch.equal(mlp(x), mlp.proj(F.relu(mlp.fc(x)).square()))
-        mlp.slope = 0.5
+        mlp.set_slope(0.5)
         expected = mlp.proj(F.leaky_relu(mlp.fc(x), 0.5).square())
         assert torch.equal(mlp(x), expected)
         assert not torch.allclose(expected, mlp.proj(F.relu(mlp.fc(x)).square()))
+    assert "slope" not in mlp.state_dict()  # the config holds it, not the artifact
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slope", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_leaky_relu_squared_equals_the_functional_form_bit_for_bit(slope, dtype):
+    h = torch.randn(257, 33, generator=torch.Generator().manual_seed(1)).to(dtype)
+    h[0, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])
+    assert torch.equal(leaky_relu_squared(h, torch.tensor(slope)), F.leaky_relu(h, slope).square())
+
+
+def test_one_compiled_mlp_serves_every_slope():
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    mlp = BlockMLP(16, 48, slope=0.5)
+    x = torch.randn(4, 16)
+    compiled = torch.compile(mlp, backend=counting_backend, fullgraph=True)
+    with torch.no_grad():
+        for slope in (0.5, 0.0, 0.3, 0.9):
+            mlp.set_slope(slope)
+            assert torch.equal(compiled(x), mlp.proj(F.leaky_relu(mlp.fc(x), slope).square())), slope
+    assert len(compiles) == 1
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (6, 1)])

@@ -20,17 +20,28 @@ from pgolf.model.features import BigramHash, SmearGate, ValueEmbedding
 from pgolf.model.layers import CastedLinear, RMSNorm, Rotary, softcap_logits
 
 
+def leaky_relu_squared(h: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """LeakyReLU(slope)(h)^2 with the slope a 0-dim tensor: a compiled graph takes it as an input, so one
+    compile serves every slope (F.leaky_relu takes a Python float, which compile bakes in as a constant).
+    Equal to F.leaky_relu(h, float(slope)).square() bit for bit; 0 is exactly relu^2."""
+    return torch.where(h > 0, h, h * slope).square()
+
+
 class BlockMLP(nn.Module):
-    """proj(leaky_relu(fc(x), slope)^2); slope is a plain float read at every call (0 is exactly relu^2)."""
+    """proj(LeakyReLU(slope)(fc(x))^2). The slope is a buffer read at every call (set_slope changes it in place,
+    also under torch.compile, without recompiling); it is not saved: the config holds it."""
 
     def __init__(self, dim: int, hidden: int, slope: float):
         super().__init__()
         self.fc = CastedLinear(dim, hidden)
         self.proj = CastedLinear(hidden, dim)
-        self.slope = float(slope)
+        self.register_buffer("slope", torch.tensor(float(slope)), persistent=False)
+
+    def set_slope(self, slope: float) -> None:
+        self.slope.fill_(float(slope))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+        return self.proj(leaky_relu_squared(self.fc(x), self.slope))
 
 
 class Block(nn.Module):

@@ -152,7 +152,8 @@ def export_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, pat
         if len(blob) > budget or budget - len(blob) > 3 * slack:  # the prediction missed: once more, measured
             measured = section_bytes(sections, matrix_section(cfg))
             counts = sum((value_counts(t.q) for t in qm.tensors.values()
-                          if t.kind != "passthrough" and t.bits == cfg.matrix_bits), torch.zeros(256, dtype=torch.int64))
+                          if t.kind != "passthrough" and t.bits == cfg.matrix_bits),
+                         torch.zeros(256, dtype=torch.int64))
             ratio = measured / max(entropy_bytes(counts), 1.0)
             second = timed_call("fit_k_s", search_matrix_k, state, cfg, budget, codecs, ratio)
             qm = timed_call("quantize_s", quantize_state, state, hessians, cfg, second["k"])

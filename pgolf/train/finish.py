@@ -16,8 +16,8 @@ from pgolf.data.shards import FILE_AUDIT
 from pgolf.dist import DistEnv, barrier, print0
 from pgolf.eval.bpb import evaluate_plain
 from pgolf.eval.legality import check_val_not_opened
-from pgolf.eval.scoring import scorer_for
 from pgolf.eval.receipts import compliance_summary, format_compliance_table, format_timing_receipt
+from pgolf.eval.scoring import scorer_for
 from pgolf.runlog import write_record
 from pgolf.train.clock import PhaseTimer
 
