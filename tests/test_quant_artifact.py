@@ -196,7 +196,9 @@ def test_quant_and_inspect_commands(tmp_path, capsys):
         args.func(args)
 
 
-def test_collect_hessians_shares_one_product_for_q_k_v_on_the_real_model():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_collect_hessians_shares_one_product_for_q_k_v_on_the_real_model(autocast):
+    """Also under bf16 autocast, as calibration runs on the GPU: the products must stay fp32."""
     from pgolf.model.gpt import GPT
     from pgolf.recipes import get_recipe
 
@@ -211,12 +213,15 @@ def test_collect_hessians_shares_one_product_for_q_k_v_on_the_real_model():
     seen = []
     handles = [model.blocks[1].attn.c_q.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone())),
                model.blocks[1].mlp.fc.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))]
-    hs = collect_hessians(model, ids, passthrough_numel=cfg.quant.passthrough_numel)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        hs = collect_hessians(model, ids, passthrough_numel=cfg.quant.passthrough_numel)
     for h in handles:
         h.remove()
-    xq = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen[0::2]])
-    xf = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen[1::2]])
+    xq = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen[0::2]]).float()
+    xf = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen[1::2]]).float()
     for name in ("c_q", "c_k", "c_v"):
         assert torch.allclose(hs[f"blocks.1.attn.{name}.weight"], xq.T @ xq / len(xq), rtol=1e-5, atol=1e-6)
     assert torch.allclose(hs["blocks.1.mlp.fc.weight"], xf.T @ xf / len(xf), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(hs["blocks.1.mlp.fc.weight"], hs["blocks.1.attn.c_q.weight"])
+    for name, h in hs.items():
+        assert h.dtype == torch.float32, name

@@ -56,7 +56,10 @@ def collect_hessians(model: nn.Module, batches, names=None, passthrough_numel: i
             x = output if use_output else inputs[0]
             if not last or last[0] is not x:  # identity, not address: `last` keeps x alive meanwhile
                 flat = x.detach().reshape(-1, x.shape[-1]).float()
-                last[:] = [x, flat.T @ flat, flat.shape[0]]
+                # The forward runs under bf16 autocast, which would round XᵀX to bf16 (2^-9 relative per
+                # entry) and leave H indefinite: Cholesky then fails and GPTQ degrades to heavy damping.
+                with torch.autocast(flat.device.type, enabled=False):
+                    last[:] = [x, flat.T @ flat, flat.shape[0]]
             _, xtx, rows = last
             if name not in sums:
                 sums[name] = torch.zeros_like(xtx)
