@@ -229,6 +229,19 @@ def test_script_refuses_a_feature_it_was_generated_without():
         hp_cls(environ={"TTT_ENABLED": "1"}).run_config()
 
 
+def test_export_command_bakes_in_the_proxy_then_the_overrides(tmp_path):
+    from pgolf.cli import main as pgolf_main
+    from pgolf.recipes import apply_proxy
+
+    path = tmp_path / "train_gpt.py"
+    assert pgolf_main(["export", "--recipe", "record", "--proxy", "300", "--set", "train.warmdown_iters=900",
+                       "--form", "plain", "--out", str(path)]) == 0
+    baked = script_namespace(path.read_text())["Hyperparameters"](environ={}).run_config()
+    expected = apply_overrides(apply_proxy(get_recipe("record"), seconds=300), ["train.warmdown_iters=900"])
+    assert dataclasses.asdict(baked) == dataclasses.asdict(expected)
+    assert (baked.train.wallclock_s, baked.train.batch_tokens) == (300, get_recipe("record").train.batch_tokens // 8)
+
+
 def test_export_script_writes_the_smaller_form(tmp_path):
     cfg = get_recipe("tiny")
     auto = export_script(cfg, tmp_path / "a.py")
