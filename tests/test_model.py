@@ -293,3 +293,21 @@ def test_cuda_fast_attention_agrees_with_reference_in_bf16(attention):
     model = build(plain_cfg(model_dim=512, num_heads=8, num_kv_heads=4, attention=attention)).cuda()
     out = model.blocks[0].attn.attend(q, k, v)
     torch.testing.assert_close(out.float(), reference_attention(q, k, v).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_mlp_agrees_with_the_functional_reference_for_every_slope():
+    """The inductor-fused LeakyReLU(s)^2 MLP under bf16 autocast, one compile for all slopes, against
+    F.leaky_relu in the same dtype."""
+    torch.manual_seed(0)
+    mlp = BlockMLP(512, 1536, slope=0.5).cuda()
+    torch.nn.init.normal_(mlp.proj.weight, std=0.02)
+    x = torch.randn(8, 256, 512, device="cuda")
+    compiled = torch.compile(mlp, fullgraph=True)
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for slope in (0.5, 0.0, 0.3, 0.9):
+            mlp.set_slope(slope)
+            expected = mlp.proj(F.leaky_relu(mlp.fc(x), slope).square())
+            torch.testing.assert_close(compiled(x).float(), expected.float(), atol=2e-2, rtol=2e-2)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
