@@ -8,7 +8,6 @@ row of BENCHMARKS.md's table from the run's record.json, with the script's own s
 is appended to <run_dir>/benchmark.jsonl, beside the script's copy.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -16,20 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from h100_300s import BENCH_COLUMNS, bench_row
+from h100_300s import BENCH_COLUMNS, bench_row, parse_bench_args
 
 from pgolf.cli import main as pgolf_main
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--seconds", type=float, default=300.0)
-    ap.add_argument("--name", default="")
-    ap.add_argument("--out", default="runs")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    args = ap.parse_args(argv)
+    args = parse_bench_args(argv, __doc__.splitlines()[0])
     name = args.name or f"export-{args.recipe}-{int(args.seconds)}s"
     script = Path(args.out) / f"{name}.train_gpt.py"
     script.parent.mkdir(parents=True, exist_ok=True)

@@ -27,15 +27,20 @@ def bench_row(record: dict) -> dict:
             "total_bytes": b["total"], "status": record["status"]}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_bench_args(argv, description: str) -> argparse.Namespace:
+    """The arguments every proxy benchmark takes: data, recipe, seconds, run name and folder, overrides."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--data", required=True)
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--name", default="")
     ap.add_argument("--out", default="runs")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_bench_args(argv, __doc__.splitlines()[0])
     name = args.name or f"bench-{args.recipe}-{int(args.seconds)}s"
     cmd = ["train", "--recipe", args.recipe, "--data", args.data, "--proxy", str(args.seconds), "--name", name,
            "--out", args.out] + [x for kv in args.overrides for x in ("--set", kv)]
