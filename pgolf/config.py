@@ -116,7 +116,7 @@ class QuantConfig:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block_size: int = 128
     act_order: bool = True
-    calib_batches: int = 32  # training batches (per rank) for the Hessians (32 x 98k tokens: ~4 s on an H100)
+    calib_batches: int = 32  # training batches (per rank) for the Hessians (32 x 98k tokens: ~5 s on an H100)
     passthrough_numel: int = 65_536  # tensors this small are stored as fp16
     codec: str = "auto"  # auto | zlib | lzma | zstd | brotli (auto = smallest)
     size_cap: int = 16_000_000  # decimal bytes, code + artifact
@@ -127,6 +127,7 @@ class QuantConfig:
 class EvalConfig:
     seq_len: int = 0  # 0 = train.seq_len
     batch_seqs: int = 32
+    val_tokens: int = 0  # score only the first N validation tokens (every pass, TTT too); 0 = the whole split
     compile: bool = True  # torch.compile the scoring forward (and TTT's step) on CUDA; pgolf.eval.scoring
     sliding_stride: int = 64  # 0 = no sliding-window pass
     ttt: bool = False  # score-first test-time training
@@ -268,6 +269,8 @@ def validate_config(cfg: RunConfig) -> None:
         (0 <= q.fit_margin < 0.1, f"quant.fit_margin={q.fit_margin} must be in [0, 0.1)"),
         (not q.fit_k or q.clip == "sdclip", "quant.fit_k needs quant.clip=sdclip"),
         (e.ttt_mode in ("sgd", "lora"), f"eval.ttt_mode={e.ttt_mode!r} is not sgd|lora"),
+        (e.val_tokens == 0 or e.val_tokens >= 2,
+         f"eval.val_tokens={e.val_tokens} must be 0 (the whole validation split) or at least 2"),
     ]
     for ok, message in checks:
         if not ok:
