@@ -46,3 +46,11 @@ def test_proxy_shrinks_batch_and_warmdown():
     assert cfg.train.batch_tokens == 98_304 and cfg.train.warmdown_iters == 1750 and cfg.train.wallclock_s == 300
     base = apply_proxy(get_recipe("baseline"), seconds=300)
     assert base.train.batch_tokens == 65_536 and base.train.warmdown_iters == 600
+
+
+def test_eval_val_tokens_is_checked():
+    cfg = apply_overrides(get_recipe("tiny"), ["eval.val_tokens=250_000"])
+    assert cfg.eval.val_tokens == 250_000 and get_recipe("record").eval.val_tokens == 0  # 0 = the whole split
+    for bad in ("-5", "1"):
+        with pytest.raises(ConfigError, match="eval.val_tokens"):
+            apply_overrides(get_recipe("tiny"), [f"eval.val_tokens={bad}"])

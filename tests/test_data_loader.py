@@ -102,3 +102,6 @@ def test_val_tokens_and_audit(shards):
         TrainTokenStream(str(folder / "fineweb_train_*.bin")).next_batch(2048, 64, 1)
     assert all("fineweb_train_" in p for p in FILE_AUDIT.opened("train"))
     assert [p.endswith("fineweb_val_000000.bin") for p in FILE_AUDIT.opened("eval")] == [True]
+    with FILE_AUDIT.phase("eval"):
+        assert load_val_tokens(str(folder / "fineweb_val_*.bin"), max_tokens=4).tolist() == [7, 8, 9, 10]
+        assert load_val_tokens(str(folder / "fineweb_val_*.bin"), max_tokens=99).tolist() == list(range(7, 17))

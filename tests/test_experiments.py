@@ -17,6 +17,7 @@ from pgolf.experiments.stats import (
     betainc_regularized,
     challenge_rule,
     mean_ci,
+    paired_ttest,
     sample_std,
     seeds_needed,
     student_t_ppf,
@@ -53,6 +54,17 @@ def test_mean_ci_and_welch_match_scipy():
     assert w.p_greater == pytest.approx(sps.ttest_ind(NEW, BASE, equal_var=False, alternative="greater").pvalue,
                                         abs=1e-6)
     assert math.isnan(mean_ci([1.0])[1])
+
+
+def test_paired_ttest_matches_scipy():
+    a, b = NEW[:3], BASE
+    res = paired_ttest(a, b)
+    ref = sps.ttest_rel(a, b)
+    assert res.t == pytest.approx(ref.statistic, rel=1e-9) and res.p_two_sided == pytest.approx(ref.pvalue, rel=1e-7)
+    assert res.diff == pytest.approx(sum(a) / 3 - sum(b) / 3) and res.df == 2
+    assert paired_ttest([1.0, 2.0], [1.0, 2.0]).p_two_sided == 1.0  # no difference at all
+    with pytest.raises(UserError):
+        paired_ttest([1.0, 2.0], [1.0])
 
 
 def test_challenge_rule_is_shifted_one_sided_welch():
@@ -125,7 +137,7 @@ def test_write_report_table_and_figures(tmp_path):
     out = tmp_path / "report"
     path = write_report(db, out, sweep="lr", baseline="matrix_lr=0.02")
     text = path.read_text()
-    for png in ("loss_curves.png", "metrics_vs_arm.png", "quant_delta.png", "bytes.png"):
+    for png in ("loss_curves.png", "metrics_vs_arm.png", "paired_deltas.png", "quant_delta.png", "bytes.png"):
         assert (out / png).stat().st_size > 5000 and f"]({png})" in text
     table = [line for line in text.split("## Speed")[0].splitlines() if line.startswith("| matrix_lr=")]
     assert len(table) == 3 and "(baseline)" in table[0]
@@ -133,8 +145,31 @@ def test_write_report_table_and_figures(tmp_path):
     cells = [c.strip() for c in table[1].split("|")]
     assert cells[-2] == "no" and cells[-6].startswith("-0.00")
     assert "sliding_loss" in text  # the judged stage is the latest one every run has
+    per_metric = text.split("## Per metric")[1].split("## Figures")[0]
+    rows = [line for line in per_metric.splitlines() if line.startswith("| matrix_lr=")]
+    assert len(rows) == 3 + 2 and rows[0].count(" ± ") == 4  # 3 bpb metrics + quant_delta; 2 Δ rows
+    assert "(Welch p=" in rows[3] and "; paired p=" in rows[3]  # the seeds 1, 2, 3 of every arm pair up
+    assert "Validation" not in text  # the fake records say nothing of their val tokens
     with pytest.raises(UserError):
         write_report(db, out, baseline="nope")
+
+
+def test_report_states_the_validation_subset_and_old_databases_gain_columns(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "old.sqlite"
+    con = sqlite3.connect(db)  # a database from before the val_tokens columns
+    con.execute("CREATE TABLE runs (run_id TEXT PRIMARY KEY, sweep TEXT, run_dir TEXT, status TEXT)")
+    con.close()
+    for s in (1, 2):
+        d = write_fake_run(tmp_path / "runs", f"sub_s{s}", {}, s)
+        record = json.loads((d / "record.json").read_text())
+        record["eval"] = {"val_tokens": 250_000, "val_split_tokens": 3_230_325, "val_subset": True}
+        (d / "record.json").write_text(json.dumps(record))
+        ingest_record(db, d)
+    assert [r["val_tokens"] for r in query_runs(db)] == [250_000, 250_000]
+    text = write_report(db, tmp_path / "rep").read_text()
+    assert "first 250,000 of the 3,230,325 validation tokens" in text
 
 
 def test_report_single_run(tmp_path):

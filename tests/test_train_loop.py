@@ -160,6 +160,40 @@ def test_kill_and_resume_continues_the_same_run(wiki_data, tmp_path):
     assert record["metrics"]["prequant_bpb"] == pytest.approx(full_record["metrics"]["prequant_bpb"], abs=1e-5)
 
 
+def test_eval_val_tokens_cuts_every_evaluation(wiki_data, tmp_path):
+    from pgolf.data.loader import load_val_tokens
+    from pgolf.dist import DistEnv
+    from pgolf.eval.bpb import evaluate_plain
+    from pgolf.model.gpt import GPT
+    from pgolf.train.finish import evaluate_prequant, load_val_data
+
+    cfg = small_cfg(wiki_data, tmp_path, "cut")
+    cfg.eval.val_tokens = 700
+    val_files = [wiki_data / "fineweb_val_000000.bin"]
+    cache: dict = {}
+    tokens, lut = load_val_data(cfg, val_files, TOKENIZER_1024, cache)
+    full = load_val_tokens(val_files)
+    assert tokens.numel() == 700 and cache["split_tokens"] == full.numel() == 1_500
+    assert torch.equal(tokens, full[:700])
+    torch.manual_seed(0)
+    model = GPT(cfg.model).eval()
+    res = evaluate_prequant(model, cfg, val_files, TOKENIZER_1024, DistEnv(), cache)
+    assert res["tokens"] == 699  # a stream of n tokens has n - 1 targets
+    prefix = evaluate_plain(model, full[:700], lut, cfg.train.seq_len, cfg.eval.batch_seqs)
+    assert res["val_bpb"] == pytest.approx(prefix["val_bpb"], rel=1e-6)
+
+    # end to end: pre-quant and sliding both score the prefix, and the record says so
+    cfg.train.max_steps, cfg.eval.sliding_stride = 3, 32
+    cut = train_run(cfg)
+    whole_cfg = small_cfg(wiki_data, tmp_path, "whole", max_steps=3)  # the same training, the whole split
+    whole_cfg.eval.sliding_stride = 32
+    whole = train_run(whole_cfg)
+    assert cut["eval"] == {"val_tokens": 700, "val_split_tokens": 1_500, "val_subset": True}
+    assert whole["eval"] == {"val_tokens": 1_500, "val_split_tokens": 1_500, "val_subset": False}
+    for key in ("prequant_bpb", "sliding_bpb"):
+        assert cut["metrics"][key] != pytest.approx(whole["metrics"][key], rel=1e-4), key
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

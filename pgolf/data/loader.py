@@ -78,8 +78,18 @@ class TrainTokenStream:
         self.file_idx, self.pos, self._tokens = int(state["file_idx"]), int(state["pos"]), None
 
 
-def load_val_tokens(pattern_or_files, vocab_size: int | None = None) -> torch.Tensor:
-    """All validation shards concatenated in sorted order, as one int64 tensor."""
+def load_val_tokens(pattern_or_files, vocab_size: int | None = None, max_tokens: int = 0) -> torch.Tensor:
+    """The validation shards concatenated in sorted order, as one int64 tensor; with max_tokens > 0 only the
+    first max_tokens of them (the whole stream when it is shorter)."""
+    if max_tokens < 0:
+        raise UserError(f"max_tokens={max_tokens} must be >= 0 (0 = every validation token)")
     files = resolve_shard_files(pattern_or_files)
-    parts = [np.asarray(read_shard(Path(p), vocab_size), dtype=np.int64) for p in files]
-    return torch.from_numpy(np.concatenate(parts))
+    parts, total = [], 0
+    for path in files:
+        if max_tokens and total >= max_tokens:
+            break
+        part = np.asarray(read_shard(Path(path), vocab_size), dtype=np.int64)
+        parts.append(part)
+        total += part.size
+    tokens = np.concatenate(parts)
+    return torch.from_numpy(tokens[:max_tokens] if max_tokens else tokens)

@@ -85,9 +85,7 @@ def eval_load_data(cfg: RunConfig, max_tokens: int):
     val_files = list_shards(folder, cfg.data.val_pattern)
     tokenizer = resolve_tokenizer_path(cfg.data)
     with FILE_AUDIT.phase("eval"):
-        tokens = load_val_tokens(val_files, vocab_size=cfg.model.vocab_size)
-    if max_tokens > 0:
-        tokens = tokens[:max_tokens]
+        tokens = load_val_tokens(val_files, vocab_size=cfg.model.vocab_size, max_tokens=max_tokens)
     return tokens, build_byte_luts(load_sentencepiece(tokenizer), cfg.model.vocab_size)
 
 
@@ -129,7 +127,7 @@ def format_eval_table(results: dict) -> str:
 def cmd_eval(args) -> int:
     artifact = eval_resolve_artifact(Path(args.artifact))
     cfg = eval_load_config(artifact, args.recipe, args.config, args.overrides, args.data)
-    tokens, lut = eval_load_data(cfg, args.max_tokens)
+    tokens, lut = eval_load_data(cfg, args.max_tokens or cfg.eval.val_tokens)
     model = eval_load_model(artifact, cfg, eval_device(cfg))
     t0 = time.perf_counter()
     results = evaluate_configured(model, tokens, lut, cfg)
@@ -226,7 +224,8 @@ def add_eval_commands(subparsers) -> None:
     p = subparsers.add_parser("eval", help="val_loss / val_bpb of a saved model: plain, sliding, TTT as configured")
     p.add_argument("artifact", help="model.pgq, model.pgw, or a run directory")
     add_eval_shared_args(p)
-    p.add_argument("--max-tokens", type=int, default=0, help="score only the first N val tokens (0 = all)")
+    p.add_argument("--max-tokens", type=int, default=0,
+                   help="score only the first N val tokens (default: the config's eval.val_tokens; 0 there = all)")
     p.add_argument("--out", default="", help="where to write eval.json (default: beside the artifact)")
     p.set_defaults(func=cmd_eval)
 

@@ -22,6 +22,7 @@ METRIC_TITLES = {
     "roundtrip_bpb": "round-trip (quantized) val_bpb",
     "sliding_bpb": "sliding-window val_bpb",
     "ttt_bpb": "test-time-training val_bpb",
+    "quant_delta": "quant delta (bpb)",
 }
 
 
@@ -48,7 +49,7 @@ def _arm_axis(ax, labels: list[str], numeric_x: list[float] | None, xlabel: str 
     xs = list(range(len(labels)))
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=25 if max(len(s) for s in labels) > 8 else 0, ha="right")
-    ax.set_xlabel("arm")
+    ax.set_xlabel(xlabel or "arm")
     return xs
 
 
@@ -123,13 +124,49 @@ def plot_quant_delta(arms: list[dict], path, xlabel: str | None = None) -> Path:
     plt = _pyplot()
     with plt.rc_context(PLOT_STYLE):
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(arms) + 3), 4.6))
-        xs = _arm_axis(ax, [a["label"] for a in arms], None, xlabel)
+        numeric = xlabel is not None and all(a.get("x") is not None for a in arms)
+        labels = [f"{a['x']:g}" for a in arms] if numeric else [a["label"] for a in arms]
+        xs = _arm_axis(ax, labels, None, xlabel if numeric else None)  # evenly spaced bars, values as labels
         means = [a["quant_delta"][0] for a in arms]
         cis = [0.0 if a["quant_delta"][1] != a["quant_delta"][1] else a["quant_delta"][1] for a in arms]
         ax.bar(xs, means, yerr=cis, capsize=4, color="tab:orange", alpha=0.85)
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_ylabel("quant delta (val_bpb after − before)")
         ax.set_title("Quantization penalty per arm (mean ± 95% CI)")
+        fig.tight_layout()
+        fig.savefig(path, bbox_inches="tight")
+        plt.close(fig)
+    return Path(path)
+
+
+def plot_paired_deltas(arms: list[dict], metrics: list[str], path, base_label: str,
+                       xlabel: str | None = None) -> Path:
+    """One panel per metric: each arm's per-seed difference from the baseline run of the same seed (dots)
+    and their mean ± 95% CI (t-distribution over the pairs). arms: [{"label", "x", metric: {"diffs",
+    "mean", "ci"}}], the baseline left out."""
+    plt = _pyplot()
+    numeric_x = [a["x"] for a in arms] if all(a.get("x") is not None for a in arms) else None
+    with plt.rc_context(PLOT_STYLE):
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.6), squeeze=False)
+        for i, (ax, metric) in enumerate(zip(axes[0], metrics, strict=True)):
+            xs = _arm_axis(ax, [a["label"] for a in arms], numeric_x, xlabel)
+            width = (max(xs) - min(xs)) or 1.0
+            for x, a in zip(xs, arms, strict=True):  # the seeds just left of the mean, side by side
+                diffs = a[metric]["diffs"]
+                offsets = [-0.06 * width + (j - (len(diffs) - 1) / 2) * 0.015 * width for j in range(len(diffs))]
+                ax.plot([x + o for o in offsets], diffs, "o", color="0.5", ms=4,
+                        label="one seed" if x == xs[0] else None)
+            means = [a[metric]["mean"] for a in arms]
+            cis = [0.0 if a[metric]["ci"] != a[metric]["ci"] else a[metric]["ci"] for a in arms]  # nan -> no bar
+            ax.errorbar(xs, means, yerr=cis, fmt="D", color="tab:blue", capsize=5, ms=6, lw=1.6,
+                        label="mean ± 95% CI")
+            ax.axhline(0.0, color="black", lw=0.9)
+            ax.ticklabel_format(axis="y", useOffset=False)
+            ax.set_title(METRIC_TITLES.get(metric, metric))
+            if i == 0:
+                ax.set_ylabel(f"Δ vs {base_label}, same seed")
+        axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+        fig.suptitle(f"Paired differences from the baseline {base_label} (arm − baseline; below 0 = lower)")
         fig.tight_layout()
         fig.savefig(path, bbox_inches="tight")
         plt.close(fig)

@@ -2,7 +2,8 @@
 
 Everything here reads record.json / metrics.jsonl (through the database), never text logs. The challenge
 rule is judged on the latest evaluation stage that every run of the sweep has (ttt, sliding, roundtrip,
-then pre-quant loss).
+then pre-quant loss). A second table gives every metric as mean ± std with its own Welch and paired (same
+seed) tests against the baseline, and states how many validation tokens the runs scored.
 """
 
 import json
@@ -10,13 +11,20 @@ import math
 from pathlib import Path
 
 from pgolf.errors import UserError
-from pgolf.experiments.plots import plot_bytes, plot_loss_curves, plot_metrics_vs_arm, plot_quant_delta
+from pgolf.experiments.plots import (
+    plot_bytes,
+    plot_loss_curves,
+    plot_metrics_vs_arm,
+    plot_paired_deltas,
+    plot_quant_delta,
+)
 from pgolf.experiments.results import arm_label, query_runs, read_run_record
 from pgolf.experiments.stats import (
     CHALLENGE_ALPHA,
     CHALLENGE_MARGIN_NATS,
     challenge_rule,
     mean_ci,
+    paired_ttest,
     sample_std,
     welch_ttest,
 )
@@ -129,6 +137,80 @@ def comparison_rows(arms: list[dict], base: dict, stage: str) -> list[dict]:
     return out
 
 
+def _mean_std(arm: dict, key: str, digits: int = 4) -> str:
+    vals = _values(arm, key)
+    if not vals:
+        return "-"
+    mean = sum(vals) / len(vals)
+    return f"{mean:.{digits}f}" if len(vals) < 2 else f"{mean:.{digits}f} ± {sample_std(vals):.{digits}f}"
+
+
+def _paired_values(arm: dict, base: dict, key: str) -> tuple[list[float], list[float]]:
+    """The metric of the arm's and the baseline's runs of each seed both have (sorted by seed)."""
+    mine = {r["seed"]: r[key] for r in arm["rows"] if r.get(key) is not None}
+    theirs = {r["seed"]: r[key] for r in base["rows"] if r.get(key) is not None}
+    seeds = sorted(set(mine) & set(theirs))
+    return [mine[s] for s in seeds], [theirs[s] for s in seeds]
+
+
+def _delta_cell(arm: dict, base: dict, key: str) -> str:
+    """Δ of the means, the two-sided Welch p, and the paired p over the seeds both arms ran (runs of one
+    seed form a pair)."""
+    a, b = _values(arm, key), _values(base, key)
+    if not a or not b:
+        return "-"
+    cell = f"{sum(a) / len(a) - sum(b) / len(b):+.4f}"
+    if len(a) < 2 or len(b) < 2:
+        return cell + " (n < 2)"
+    p = welch_ttest(a, b).p_two_sided
+    cell += f" (Welch p={p:.2g}{_marks(p)}"
+    pa, pb = _paired_values(arm, base, key)
+    if len(pa) >= 2:
+        pp = paired_ttest(pa, pb).p_two_sided
+        cell += f"; paired p={pp:.2g}{_marks(pp)}"
+    return cell + ")"
+
+
+def _per_metric_tables(arms: list[dict], base: dict) -> list[str]:
+    """Mean ± sample std of every bpb metric and quant_delta per arm, then each arm's Δ from the baseline
+    with the two-sided Welch and paired p of that metric alone (no correction for the number of tests)."""
+    metrics = [m for m in BPB_METRICS if any(_values(a, m) for a in arms)] + ["quant_delta"]
+    head = " | ".join(metrics)
+    lines = ["## Per metric: mean ± std over seeds, and Δ from the baseline", "",
+             "Sample standard deviation (n − 1) over the seeds of each arm.", "",
+             f"| arm | n | {head} |", "|" + "---|" * (len(metrics) + 2)]
+    for arm in arms:
+        cells = [_mean_std(arm, m) for m in metrics]
+        label = arm["label"] + (" (baseline)" if arm is base else "")
+        lines.append(f"| {label} | {len(arm['rows'])} | " + " | ".join(cells) + " |")
+    lines += ["", f"Δ = arm mean − baseline mean (**{base['label']}**), each metric tested on its own, two-sided "
+                  "(* p<0.05, ** p<0.01; no correction for the number of tests): Welch's t-test treats the arms "
+                  "as independent samples; the paired t-test compares runs of the same seed (the same "
+                  "initial weights where the swept setting leaves the parameter shapes alone), which removes the "
+                  "seed-to-seed spread the arms share.", "",
+              f"| arm | {' | '.join('Δ ' + m for m in metrics)} |", "|" + "---|" * (len(metrics) + 1)]
+    for arm in arms:
+        if arm is not base:
+            lines.append(f"| {arm['label']} | " + " | ".join(_delta_cell(arm, base, m) for m in metrics) + " |")
+    return lines
+
+
+def _validation_scope(rows: list[dict]) -> str:
+    """One sentence on the validation tokens the runs scored (from their records), or "" when unknown."""
+    scopes = {(r.get("val_tokens"), r.get("val_split_tokens")) for r in rows}
+    if not scopes or any(n is None or split is None for n, split in scopes):
+        return ""
+    if len(scopes) > 1:
+        shown = ", ".join(f"{n:,} of {split:,}" for n, split in sorted(scopes))
+        return (f"**Validation tokens differ between runs** ({shown}): their scores are not comparable "
+                "with one another.")
+    n, split = scopes.pop()
+    if n < split:
+        return (f"**Validation subset:** every run scored the first {n:,} of the {split:,} validation tokens "
+                "(`eval.val_tokens`); these bpb are not comparable with whole-split scores.")
+    return f"Every run scored the whole validation split ({split:,} tokens)."
+
+
 def _table(arms: list[dict], base: dict, stage: str) -> list[str]:
     metrics = [m for m in BPB_METRICS if any(_values(a, m) for a in arms)]
     head = ["arm", "n"] + metrics + ["quant_delta", f"{stage}_loss", "Δ loss (nats)", "Δ bpb", "p (Welch)",
@@ -166,7 +248,7 @@ def write_report(db, out_dir, sweep: str | None = None, baseline: str | None = N
     stage = score_stage([r for a in arms for r in a["rows"]])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figures = _write_figures(arms, out)
+    figures = _write_figures(arms, base, out)
     failed = [r for r in rows if r["status"] != "ok"]
     title = f"Sweep report: {sweep}" if sweep else "Results report"
     lines = [f"# {title}", "",
@@ -177,6 +259,8 @@ def write_report(db, out_dir, sweep: str | None = None, baseline: str | None = N
              f"Δ and p compare `{stage}_loss` with the baseline (Welch's t-test, two-sided; * p<0.05, ** p<0.01). "
              f"The challenge rule: an improvement of ≥ {CHALLENGE_MARGIN_NATS} nats at p < {CHALLENGE_ALPHA}, "
              "one-sided Welch test.", ""]
+    scope = _validation_scope([r for a in arms for r in a["rows"]])
+    lines += [scope, ""] if scope else []
     lines += _table(arms, base, stage)
     lines += ["", "## Speed and size", "", "| arm | steps | ms/step | tokens/s | bytes total |",
               "|---|---|---|---|---|"]
@@ -184,6 +268,7 @@ def write_report(db, out_dir, sweep: str | None = None, baseline: str | None = N
         cells = [_fmt(*_stat(arm, "steps"), digits=0), _fmt(*_stat(arm, "ms_per_step"), 1),
                  _fmt(*_stat(arm, "tokens_per_s"), 0), _fmt(*_stat(arm, "bytes_total"), 0)]
         lines.append(f"| {arm['label']} | " + " | ".join(cells) + " |")
+    lines += [""] + _per_metric_tables(arms, base)
     lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
     lines += ["", "## Runs", "", "| run | arm | seed | status | config hash |", "|---|---|---|---|---|"]
     lines += [f"| {r['run_id']} | {arm_label(r['overrides'])} | {r['seed']} | {r['status']} | {r['config_hash']} |"
@@ -193,7 +278,28 @@ def write_report(db, out_dir, sweep: str | None = None, baseline: str | None = N
     return path
 
 
-def _write_figures(arms: list[dict], out: Path) -> list[str]:
+def _paired_summary(arms: list[dict], base: dict, metrics: list[str], key: str | None) -> list[dict] | None:
+    """Per non-baseline arm and metric: the same-seed differences from the baseline and their mean ± 95% CI;
+    None unless every arm shares at least 2 seeds with the baseline."""
+    summary = []
+    for arm in arms:
+        if arm is base:
+            continue
+        s: dict = {"label": arm["label"], "x": arm["overrides"].get(key) if key else None}
+        for m in metrics:
+            a, b = _paired_values(arm, base, m)
+            if len(a) < 2:
+                return None
+            diffs = [x - y for x, y in zip(a, b, strict=True)]
+            mean, ci = mean_ci(diffs)
+            s[m] = {"diffs": diffs, "mean": mean, "ci": ci}
+        summary.append(s)
+    if key:
+        summary.sort(key=lambda s: s["x"])
+    return summary or None
+
+
+def _write_figures(arms: list[dict], base: dict, out: Path) -> list[str]:
     written = []
     curves = {a["label"]: c for a in arms if (c := _mean_curve([r["run_dir"] for r in a["rows"]]))}
     if curves:
@@ -213,8 +319,13 @@ def _write_figures(arms: list[dict], out: Path) -> list[str]:
         summary.sort(key=lambda s: s["x"])
     if metrics:
         written.append(plot_metrics_vs_arm(summary, metrics, out / "metrics_vs_arm.png", xlabel=key).name)
+        paired_metrics = metrics + (["quant_delta"] if all(_values(a, "quant_delta") for a in arms) else [])
+        paired = _paired_summary(arms, base, paired_metrics, key if numeric else None)
+        if paired:
+            written.append(plot_paired_deltas(paired, paired_metrics, out / "paired_deltas.png", base["label"],
+                                              xlabel=key if numeric else None).name)
     if all(_values(a, "quant_delta") for a in arms):
-        written.append(plot_quant_delta(summary, out / "quant_delta.png").name)
+        written.append(plot_quant_delta(summary, out / "quant_delta.png", xlabel=key if numeric else None).name)
     if all(_values(a, "bytes_total") for a in arms):
         cap = next((r["bytes_cap"] for a in arms for r in a["rows"] if r.get("bytes_cap")), 16_000_000)
         written.append(plot_bytes(summary, out / "bytes.png", cap=cap).name)

@@ -31,6 +31,8 @@ RESULT_COLUMNS = [
     ("ttt_loss", "REAL", ("metrics", "ttt_loss")),
     ("ttt_bpb", "REAL", ("metrics", "ttt_bpb")),
     ("quant_delta", "REAL", ("metrics", "quant_delta")),
+    ("val_tokens", "INTEGER", ("eval", "val_tokens")),
+    ("val_split_tokens", "INTEGER", ("eval", "val_split_tokens")),
     ("steps", "INTEGER", ("train", "steps")),
     ("ms_per_step", "REAL", ("train", "ms_per_step")),
     ("tokens_per_s", "REAL", ("train", "tokens_per_s")),
@@ -63,10 +65,20 @@ def open_results_db(path) -> sqlite3.Connection:
         con = sqlite3.connect(path, timeout=30.0)
         cols = ", ".join(f"{name} {typ}" for name, typ, _ in RESULT_COLUMNS)
         con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+        add_missing_columns(con)
     except sqlite3.DatabaseError as e:
         raise UserError(f"{path}: not a usable results database ({e})") from e
     con.row_factory = sqlite3.Row
     return con
+
+
+def add_missing_columns(con: sqlite3.Connection) -> None:
+    """Bring a database written by an older pgolf up to RESULT_COLUMNS: columns it lacks are added (null)."""
+    have = {row[1] for row in con.execute("PRAGMA table_info(runs)")}
+    with con:
+        for name, typ, _ in RESULT_COLUMNS:
+            if name not in have:
+                con.execute(f"ALTER TABLE runs ADD COLUMN {name} {typ}")
 
 
 def _connect(db) -> tuple[sqlite3.Connection, bool]:

@@ -157,6 +157,31 @@ def welch_ttest(a, b, shift: float = 0.0) -> WelchResult:
 
 
 @dataclass
+class PairedResult:
+    """A paired t-test of arm a against arm b: the per-pair differences a_i - b_i against 0."""
+
+    diff: float  # mean of a_i - b_i
+    t: float
+    df: float
+    p_two_sided: float
+
+
+def paired_ttest(a, b) -> PairedResult:
+    """Student's paired t-test of H0: mean(a_i - b_i) == 0 over matched values (e.g. runs of the same seed)."""
+    a, b = list(a), list(b)
+    if len(a) != len(b) or len(a) < 2:
+        raise UserError(f"a paired t-test needs two equally long lists of at least 2 values, got {len(a)} and "
+                        f"{len(b)}")
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    diff, sd, n = sample_mean(d), sample_std(d), len(d)
+    if sd == 0.0:
+        t = math.copysign(math.inf, diff) if diff else 0.0
+        return PairedResult(diff, t, float(n - 1), 1.0 if diff == 0.0 else 0.0)
+    t = diff / (sd / math.sqrt(n))
+    return PairedResult(diff, t, float(n - 1), min(1.0, 2.0 * student_t_sf(abs(t), n - 1)))
+
+
+@dataclass
 class RuleResult:
     """The challenge rule applied to a new arm against a baseline arm (lower loss is better)."""
 

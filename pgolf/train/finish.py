@@ -12,7 +12,7 @@ import torch
 
 from pgolf.config import RunConfig, config_hash, config_to_dict
 from pgolf.data.loader import load_val_tokens
-from pgolf.data.shards import FILE_AUDIT
+from pgolf.data.shards import FILE_AUDIT, resolve_shard_files, shard_token_count
 from pgolf.dist import DistEnv, barrier, print0
 from pgolf.eval.bpb import evaluate_plain
 from pgolf.eval.legality import check_val_not_opened
@@ -37,6 +37,7 @@ def new_record(cfg: RunConfig, env: dict, run_dir) -> dict:
         "metrics": {k: None for k in RECORD_METRIC_KEYS},
         "bytes": {"code": None, "artifact": None, "total": None, "cap": cfg.quant.size_cap},
         "timings": {k: None for k in RECORD_TIMING_KEYS},
+        "eval": {"val_tokens": None, "val_split_tokens": None, "val_subset": None},
         "compliance": {"train_plus_calibration_s": None, "eval_s": None, "bytes_total": None, "legality": {}},
     }
 
@@ -49,17 +50,34 @@ def module_exists(name: str) -> bool:
 
 
 def load_val_data(cfg: RunConfig, val_files, tokenizer_path, cache: dict) -> tuple[torch.Tensor, object]:
-    """Validation tokens (read inside FILE_AUDIT phase "eval") and the byte LUT, loaded once per run."""
+    """Validation tokens (read inside FILE_AUDIT phase "eval") and the byte LUT, loaded once per run.
+
+    This is where eval.val_tokens cuts the stream: every evaluation of the run (pre-quant, round trip,
+    sliding, TTT) scores the tokens returned here. cache["split_tokens"] keeps the size of the whole split."""
     if "tokens" not in cache:
         import sentencepiece as spm
 
         from pgolf.data.bytes import build_byte_luts
 
         with FILE_AUDIT.phase("eval"):
-            cache["tokens"] = load_val_tokens(val_files, vocab_size=cfg.model.vocab_size)
+            cache["tokens"] = load_val_tokens(val_files, vocab_size=cfg.model.vocab_size,
+                                              max_tokens=cfg.eval.val_tokens)
+            cache["split_tokens"] = sum(shard_token_count(p) for p in resolve_shard_files(val_files))
         sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
         cache["lut"] = build_byte_luts(sp, cfg.model.vocab_size)
+        n, split = cache["tokens"].numel(), cache["split_tokens"]
+        if n < split:
+            print0(f"eval: scoring the first {n:,} of {split:,} validation tokens (eval.val_tokens; a subset "
+                   "score, not comparable with a whole-split one)")
     return cache["tokens"], cache["lut"]
+
+
+def fill_eval_scope(record: dict, cache: dict) -> None:
+    """State in the record how many validation tokens the evaluations scored, and of how many in the split."""
+    if "tokens" not in cache:
+        return
+    n, split = int(cache["tokens"].numel()), int(cache["split_tokens"])
+    record["eval"] = {"val_tokens": n, "val_split_tokens": split, "val_subset": n < split}
 
 
 def eval_seq_len(cfg: RunConfig) -> int:
@@ -67,7 +85,7 @@ def eval_seq_len(cfg: RunConfig) -> int:
 
 
 def evaluate_prequant(model, cfg: RunConfig, val_files, tokenizer_path, denv, cache: dict) -> dict:
-    """evaluate_plain of the float model over the whole validation set."""
+    """evaluate_plain of the float model over the validation tokens (the first eval.val_tokens, or all)."""
     tokens, lut = load_val_data(cfg, val_files, tokenizer_path, cache)
     with FILE_AUDIT.phase("eval"):
         return evaluate_plain(model, tokens, lut, eval_seq_len(cfg), cfg.eval.batch_seqs, denv.rank,
@@ -155,6 +173,7 @@ def finish_run(cfg: RunConfig, model, hessians: dict, run_dir, env: dict, timer:
             res = evaluate_ttt(copy.deepcopy(eval_model), tokens, lut, cfg.eval, eval_seq_len(cfg), denv.rank,
                                denv.world_size)
         metrics["ttt_loss"], metrics["ttt_bpb"] = res["val_loss"], res["val_bpb"]
+    fill_eval_scope(record, val_cache)
     fill_timings(record, timer)
     fill_compliance(cfg, record)
     record["status"] = "ok"
