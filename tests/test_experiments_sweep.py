@@ -13,6 +13,7 @@ import pytest
 from pgolf.errors import UserError
 from pgolf.experiments.results import query_runs
 from pgolf.experiments.sweep import (
+    check_run_config,
     expand_sweep,
     load_sweep_spec,
     run_sweep,
@@ -154,3 +155,12 @@ def test_the_repository_sweep_specs_expand():
     for path in specs:
         runs = expand_sweep(load_sweep_spec(path))
         assert len({r.name for r in runs}) == len(runs) > 0
+
+
+@pytest.mark.parametrize("spec_path", sorted((Path(__file__).parent.parent / "sweeps").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_sweep_specs_expand_into_valid_run_configs(spec_path):
+    runs = expand_sweep(load_sweep_spec(spec_path))
+    assert runs and len({r.name for r in runs}) == len(runs)
+    for run in runs:
+        check_run_config(run)
