@@ -108,6 +108,24 @@ def get_recipe(name: str) -> RunConfig:
     return cfg
 
 
+def add_proxy_argument(parser) -> None:
+    """The `--proxy SECONDS` option of the commands that build a recipe's config (train, bench, export)."""
+    parser.add_argument("--proxy", type=float, metavar="SECONDS",
+                        help="the one-GPU proxy of the 8-GPU recipe over SECONDS (BENCHMARKS.md h100-300s): "
+                             "a GPU's share of the batch, the warmdown scaled to the wallclock")
+
+
+def recipe_config(name: str, proxy_s: float | None = None) -> RunConfig:
+    """A recipe's config, as its one-GPU proxy over proxy_s seconds when given; what commands start from
+    before their own flags and --set overrides."""
+    cfg = get_recipe(name)
+    if proxy_s is not None:
+        if not proxy_s > 0:
+            raise ConfigError(f"--proxy {proxy_s}: must be positive seconds")
+        apply_proxy(cfg, seconds=proxy_s)
+    return cfg
+
+
 def apply_proxy(cfg: RunConfig, seconds: float = 300.0, shrink: int = 8) -> RunConfig:
     """The one-GPU proxy of an 8-GPU recipe (BENCHMARKS.md "h100-300s").
 

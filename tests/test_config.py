@@ -1,7 +1,7 @@
 import pytest
 
 from pgolf.config import ConfigError, apply_overrides, config_from_dict, config_hash, config_to_dict
-from pgolf.recipes import RECIPES, apply_proxy, get_recipe
+from pgolf.recipes import RECIPES, apply_proxy, get_recipe, recipe_config
 
 
 def test_override_sets_typed_value():
@@ -54,3 +54,11 @@ def test_eval_val_tokens_is_checked():
     for bad in ("-5", "1"):
         with pytest.raises(ConfigError, match="eval.val_tokens"):
             apply_overrides(get_recipe("tiny"), [f"eval.val_tokens={bad}"])
+
+
+def test_recipe_config_applies_the_proxy_and_refuses_a_non_positive_one():
+    assert recipe_config("record", 300) == apply_proxy(get_recipe("record"), seconds=300)
+    assert recipe_config("record") == get_recipe("record")
+    for bad in (0.0, -5.0):
+        with pytest.raises(ConfigError, match="--proxy"):
+            recipe_config("record", bad)

@@ -17,7 +17,7 @@ from pgolf.config import RunConfig, add_override_argument, apply_overrides, conf
 from pgolf.data.shards import list_shards
 from pgolf.dist import destroy_distributed, dist_env_from_environ, init_distributed, is_dist_active
 from pgolf.errors import UserError
-from pgolf.recipes import apply_proxy, get_recipe
+from pgolf.recipes import add_proxy_argument, recipe_config
 from pgolf.runlog import write_json_atomic
 
 
@@ -42,8 +42,7 @@ def add_bench_commands(subparsers) -> None:
                                           "(tokens/s). Without --data the tokens are random.")
     p.add_argument("--recipe", required=True, help="recipe name (baseline, record, tiny)")
     add_override_argument(p)
-    p.add_argument("--proxy", type=float, metavar="SECONDS",
-                   help="the one-GPU proxy of the 8-GPU recipe (its batch: a GPU's share of the 8-GPU one)")
+    add_proxy_argument(p)
     p.add_argument("--steps", type=int, default=20, help="timed training steps (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them, compilation included "
                                                          "(default 3)")
@@ -65,7 +64,6 @@ def bench_options_from_args(args) -> BenchOptions:
         (args.warmup >= 0, f"--warmup {args.warmup}: must be at least 0"),
         (args.eval_tokens == 0 or args.eval_tokens >= 2, f"--eval-tokens {args.eval_tokens}: must be 0 or >= 2"),
         (args.profile_steps >= 1, f"--profile-steps {args.profile_steps}: must be at least 1"),
-        (args.proxy is None or args.proxy > 0, f"--proxy {args.proxy}: must be positive seconds"),
         (args.peak_tflops is None or args.peak_tflops > 0, f"--peak-tflops {args.peak_tflops}: must be positive"),
     ]
     for ok, message in checks:
@@ -79,9 +77,7 @@ def bench_options_from_args(args) -> BenchOptions:
 
 def build_bench_config(args) -> RunConfig:
     """The RunConfig to bench: recipe, proxy, --data, then --set overrides (as `pgolf train` builds it)."""
-    cfg = get_recipe(args.recipe)
-    if args.proxy:
-        apply_proxy(cfg, seconds=args.proxy)
+    cfg = recipe_config(args.recipe, args.proxy)
     if args.data:
         cfg.data.path = args.data
     return apply_overrides(cfg, args.overrides)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pgolf.config import add_override_argument, apply_overrides
 from pgolf.errors import UserError
-from pgolf.recipes import apply_proxy, get_recipe
+from pgolf.recipes import add_proxy_argument, recipe_config
 
 
 def add_export_commands(subparsers) -> None:
@@ -14,8 +14,7 @@ def add_export_commands(subparsers) -> None:
                     "(--runs or --db), write a submission folder: train_gpt.py, submission.json, README.md, "
                     "requirements.txt and the runs' logs.")
     p.add_argument("--recipe", required=True, help="recipe name (baseline, record, tiny)")
-    p.add_argument("--proxy", type=float, metavar="SECONDS",
-                   help="bake in the one-GPU proxy of the 8-GPU recipe over SECONDS (as pgolf train --proxy)")
+    add_proxy_argument(p)
     add_override_argument(p, "config override baked into the script's defaults")
     p.add_argument("--out", required=True, help="output folder (records/<date>_<name>/), or a .py file path "
                                                 "to write only the script")
@@ -39,10 +38,7 @@ def cmd_export(args) -> int:
     from pgolf.export.amalgamate import export_script
     from pgolf.export.submission import load_runs, write_submission
 
-    cfg = get_recipe(args.recipe)
-    if args.proxy:
-        apply_proxy(cfg, seconds=args.proxy)
-    cfg = apply_overrides(cfg, args.overrides)
+    cfg = apply_overrides(recipe_config(args.recipe, args.proxy), args.overrides)
     form = {"compressed": {"auto": "auto", "plain": False, "compressed": True}[args.form],
             "strip_docstrings": not args.keep_docstrings, "strip_comments": not args.keep_comments}
     out = Path(args.out)

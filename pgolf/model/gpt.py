@@ -157,11 +157,7 @@ class GPT(nn.Module):
         """Fake-quantize the block matrices (attention and MLP) in the forward pass; bits/clip_k if given."""
         for module in self.blocks.modules():
             if isinstance(module, CastedLinear):
-                module.qat_on.fill_(1.0 if active else 0.0)
-                if bits is not None:
-                    module.qat_bits = bits
-                if clip_k is not None:
-                    module.qat_clip_k.fill_(float(clip_k))
+                module.configure_qat(active, bits, clip_k)
 
     def embed_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
         """x0, the input of the first block: embedding (+ bigram), RMSNorm, then SmearGate."""

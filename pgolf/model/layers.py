@@ -25,6 +25,15 @@ class CastedLinear(nn.Linear):
         self.register_buffer("qat_on", torch.zeros(()), persistent=False)
         self.register_buffer("qat_clip_k", torch.tensor(float(qat_clip_k)), persistent=False)
 
+    @torch.no_grad()
+    def configure_qat(self, on: bool, bits: int | None = None, clip_k: float | None = None) -> None:
+        """Switch fake quantization on or off in place (no recompile); set bits / clip_k when given."""
+        self.qat_on.fill_(1.0 if on else 0.0)
+        if bits is not None:
+            self.qat_bits = int(bits)
+        if clip_k is not None:
+            self.qat_clip_k.fill_(float(clip_k))
+
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass uses: plain, or fake-quantized with a straight-through gradient."""
         w = self.weight

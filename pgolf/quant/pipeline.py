@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pgolf.errors import UserError
-from pgolf.quant.artifact import QuantizedModel, QuantTensor, encode_artifact
+from pgolf.quant.artifact import QuantizedModel, QuantTensor, choose_section, encode_artifact, section_streams
 from pgolf.quant.codecs import AUTO_CODECS, codec_candidates
 from pgolf.quant.fit import choose_k, entropy_bytes, section_ratio, value_counts
 from pgolf.quant.formats import policy_bits, policy_clip_k, tensor_policy
@@ -84,14 +84,21 @@ def matrix_section(cfg) -> str:
     return f"q{cfg.matrix_bits}"
 
 
+def section_value_counts(qm: QuantizedModel, bits: int, matrices: bool = True) -> torch.Tensor:
+    """Histogram of the integer values stored at `bits` (they share one section), matrices included or not."""
+    total = torch.zeros(256, dtype=torch.int64)
+    for t in qm.tensors.values():
+        if t.kind != "passthrough" and t.bits == bits and (matrices or t.kind != "matrix"):
+            total += value_counts(t.q).cpu()
+    return total
+
+
 def search_matrix_k(state: dict[str, torch.Tensor], cfg, budget: int, codecs, ratio: float | None = None) -> dict:
     """The smallest SDClip k for the matrices whose predicted artifact fits `budget` bytes (see quant/fit.py).
 
     Everything but the matrix section is quantized (round-to-nearest), compressed and counted exactly; the
     matrix section is predicted as ratio × entropy. Unless `ratio` is given it is measured on a sample of
     the section quantized at a first guess of k (the entropy alone), since the ratio moves with k."""
-    from pgolf.quant.artifact import choose_section, section_streams
-
     section = matrix_section(cfg)
     rtn_cfg = dataclasses.replace(cfg, method="rtn", clip="sdclip")
     qm0 = quantize_state(state, None, rtn_cfg)
@@ -99,8 +106,7 @@ def search_matrix_k(state: dict[str, torch.Tensor], cfg, budget: int, codecs, ra
     other = sum(len(choose_section(name, raw, codecs)["blob"]) for name, raw in streams.items() if name != section)
     header = len(json.dumps(table, separators=(",", ":"))) + 200 * (len(streams) + 1)
     matrices = [state[n].detach().float() for n, t in qm0.tensors.items() if t.kind == "matrix"]
-    fixed = sum((value_counts(t.q) for t in qm0.tensors.values() if t.kind != "matrix" and t.kind != "passthrough"
-                 and t.bits == cfg.matrix_bits), torch.zeros(256, dtype=torch.int64))
+    fixed = section_value_counts(qm0, cfg.matrix_bits, matrices=False)
     target = budget - cfg.fit_margin * cfg.size_cap - other - header
     if target <= 0:
         raise UserError(f"the non-matrix tensors alone take {other + header:,} B of the {budget:,} B budget")
@@ -151,10 +157,7 @@ def export_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, pat
         slack = cfg.fit_margin * cfg.size_cap
         if len(blob) > budget or budget - len(blob) > 3 * slack:  # the prediction missed: once more, measured
             measured = section_bytes(sections, matrix_section(cfg))
-            counts = sum((value_counts(t.q) for t in qm.tensors.values()
-                          if t.kind != "passthrough" and t.bits == cfg.matrix_bits),
-                         torch.zeros(256, dtype=torch.int64))
-            ratio = measured / max(entropy_bytes(counts), 1.0)
+            ratio = measured / max(entropy_bytes(section_value_counts(qm, cfg.matrix_bits)), 1.0)
             second = timed_call("fit_k_s", search_matrix_k, state, cfg, budget, codecs, ratio)
             qm = timed_call("quantize_s", quantize_state, state, hessians, cfg, second["k"])
             blob, sections = timed_call("serialize_s", encode_artifact, qm, codecs, plan)

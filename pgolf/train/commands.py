@@ -5,7 +5,7 @@ from pathlib import Path
 from pgolf.config import add_override_argument, apply_overrides
 from pgolf.dist import dist_env_from_environ
 from pgolf.errors import UserError
-from pgolf.recipes import apply_proxy, get_recipe
+from pgolf.recipes import add_proxy_argument, recipe_config
 from pgolf.train.loop import load_run_config, train_run
 from pgolf.train.progress import tensorboard_sink, wandb_sink
 
@@ -19,8 +19,7 @@ def add_train_commands(subparsers) -> None:
     p.add_argument("--data", help="folder with the train/val shards (and the tokenizer unless --tokenizer)")
     p.add_argument("--tokenizer", help="SentencePiece .model file")
     p.add_argument("--wallclock", type=float, help="timed training budget in seconds (train.wallclock_s)")
-    p.add_argument("--proxy", type=float, metavar="SECONDS",
-                   help="the one-GPU proxy of the 8-GPU recipe over SECONDS (BENCHMARKS.md h100-300s)")
+    add_proxy_argument(p)
     add_override_argument(p)
     p.add_argument("--name", help="run directory name (default: recipe-timestamp)")
     p.add_argument("--out", help="folder that holds run directories (default: runs)")
@@ -41,9 +40,7 @@ def build_train_config(args):
         return cfg
     if not args.recipe:
         raise UserError("pgolf train needs --recipe (or --resume RUN_DIR)")
-    cfg = get_recipe(args.recipe)
-    if args.proxy:
-        apply_proxy(cfg, seconds=args.proxy)
+    cfg = recipe_config(args.recipe, args.proxy)
     if args.wallclock is not None:
         cfg.train.wallclock_s = args.wallclock
     if args.data:

@@ -8,10 +8,12 @@ Python flag was constant-folded by the compiler and the STE branch never ran.)
 import torch
 from torch import nn
 
+from pgolf.model.layers import CastedLinear
 
-def casted_linears(model: nn.Module) -> list[nn.Module]:
-    """Every module with a `qat_on` buffer (the model's CastedLinear layers)."""
-    return [m for m in model.modules() if isinstance(getattr(m, "qat_on", None), torch.Tensor)]
+
+def casted_linears(model: nn.Module) -> list[CastedLinear]:
+    """The model's CastedLinear layers (the ones that can fake-quantize)."""
+    return [m for m in model.modules() if isinstance(m, CastedLinear)]
 
 
 @torch.no_grad()
@@ -26,11 +28,7 @@ def set_qat(model: nn.Module, on: bool, bits: int | None = None, clip_k: float |
         return sum(1 for m in casted_linears(model) if bool(m.qat_on.item()) == bool(on))
     layers = casted_linears(model)
     for m in layers:
-        m.qat_on.fill_(1.0 if on else 0.0)
-        if bits is not None:
-            m.qat_bits = int(bits)
-        if clip_k is not None:
-            m.qat_clip_k.fill_(float(clip_k))
+        m.configure_qat(on, bits, clip_k)
     return len(layers)
 
 
