@@ -13,11 +13,6 @@ import torch.distributed as dist
 
 from pgolf.errors import UserError
 
-# torch._dynamo must be imported before the first process group is created. Imported later (creating any
-# torch.optim optimizer imports it), it keeps the group alive past destroy_process_group: gloo's threads then
-# outlive the interpreter and abort the process at exit (SIGABRT after a successful run).
-importlib.import_module("torch._dynamo")
-
 
 @dataclass
 class DistEnv:
@@ -62,6 +57,17 @@ def pick_device(device_pref: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def init_process_group(backend: str, **kwargs) -> None:
+    """dist.init_process_group, with torch._dynamo imported first.
+
+    Imported after a group exists (creating any torch.optim optimizer imports it), torch._dynamo keeps the
+    group alive past destroy_process_group: gloo's threads then outlive the interpreter and abort the process
+    at exit (SIGABRT after a successful run). Imported here, it costs start-up time only to runs that need it.
+    """
+    importlib.import_module("torch._dynamo")
+    dist.init_process_group(backend, **kwargs)
+
+
 def init_distributed(device_pref: str = "auto") -> DistEnv:
     """Read torchrun's layout, pick the device, and start the process group when there is more than one rank."""
     rank, local_rank, world_size = dist_env_from_environ()
@@ -70,9 +76,9 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+            init_process_group("nccl", device_id=device)
         else:
-            dist.init_process_group("gloo")
+            init_process_group("gloo")
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-import pgolf.dist  # noqa: F401  (imports torch._dynamo before the workers' process groups; see pgolf/dist.py)
 from pgolf.config import OptimConfig, TrainConfig
+from pgolf.dist import init_process_group
 from pgolf.errors import UserError
 from pgolf.optim.builder import broadcast_parameters, build_optimizers
 from pgolf.optim.muon import Muon, muon_reference_step, newton_schulz5
@@ -376,7 +376,7 @@ def dist_worker(rank: int, world_size: int, out_dir: str, backend: str) -> None:
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size)
+    init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(100 + rank)  # different init on each rank: broadcast_parameters must fix it
         model = TinyNet(tie_embeddings=False).to(device)
