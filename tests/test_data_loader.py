@@ -66,6 +66,38 @@ def test_global_batch_does_not_depend_on_world_size(shards):
         assert torch.equal(x1, torch.cat([p[0] for p in parts])) and torch.equal(y1, torch.cat([p[1] for p in parts]))
 
 
+def step_batch(streams, batch_tokens: int, seq_len: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step's global (x, y) from one stream per rank, pieces in the order micro-step, rank."""
+    pieces = [s.next_batch(batch_tokens, seq_len, grad_accum) for _ in range(grad_accum) for s in streams]
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+
+
+def test_global_batch_does_not_depend_on_the_split_into_ranks_and_micro_steps(shards):
+    folder, total = shards
+    pattern = str(folder / "fineweb_train_*.bin")
+    splits = [(1, 1), (1, 4), (2, 2), (4, 1)]  # (world_size, grad_accum)
+    streams = {split: [TrainTokenStream(pattern, r, split[0]) for r in range(split[0])] for split in splits}
+    expected = np.arange(total)
+    for step in range(12):  # 12 * 257 tokens > total: wraps around
+        batches = {split: step_batch(streams[split], 256, 16, split[1]) for split in splits}
+        span = torch.from_numpy(expected[(step * 257 + np.arange(257)) % total])
+        for split, (x, y) in batches.items():
+            assert torch.equal(x.flatten(), span[:-1]), (step, split)
+            assert torch.equal(y.flatten(), span[1:]), (step, split)
+
+
+def test_state_and_batch_shape_are_fixed_inside_a_step(shards):
+    folder, _ = shards
+    stream = TrainTokenStream(str(folder / "fineweb_train_*.bin"), 0, 2)
+    stream.next_batch(256, 16, 2)
+    with pytest.raises(UserError, match="micro-step"):
+        stream.state_dict()
+    with pytest.raises(UserError, match="in the middle of a step"):
+        stream.next_batch(512, 16, 2)
+    stream.next_batch(256, 16, 2)
+    assert stream.state_dict()["pos"] == 257
+
+
 def test_resume_equals_uninterrupted(shards):
     folder, _ = shards
     pattern = str(folder / "fineweb_train_*.bin")

@@ -112,7 +112,7 @@ def test_bpb_reduction_equals_hand_computation():
     acc.add(torch.tensor(3.0, dtype=torch.float64), 2, 5)
     acc.add(torch.tensor(1.5, dtype=torch.float64), 1, 1)
     out = acc.result()
-    assert (out["tokens"], out["bytes"]) == (3, 6)
+    assert (out["tokens"], out["bytes"], out["nll_sum"]) == (3, 6, 4.5)
     assert out["val_loss"] == pytest.approx(1.5) and out["val_bpb"] == pytest.approx(4.5 / math.log(2) / 6)
 
 

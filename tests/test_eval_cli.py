@@ -1,12 +1,15 @@
 """`pgolf eval` and `pgolf check` end to end on a tiny GPT saved as model.pgw, with the challenge tokenizer."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import TOKENIZER_1024
+from conftest import REPO, TOKENIZER_1024
 
 from pgolf.cli import main
 from pgolf.config import apply_overrides, config_to_dict
@@ -62,3 +65,22 @@ def test_check_passes_a_real_model_and_fails_a_val_read_in_training(run_dir, cap
     (run / "file_audit.json").write_text(json.dumps([["train", str(data / "fineweb_val_000000.bin")]]))
     assert main(["check", str(run), "--data", str(data), "--tokens", "129", "--method", "plain"]) == 1
     assert "was opened in phase 'train'" in capsys.readouterr().out
+
+
+def test_eval_on_two_gloo_ranks_matches_one_rank(run_dir, tmp_path):
+    run, data = run_dir
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert main(["eval", str(run / "model.pgw"), "--data", str(data), "--out", str(one)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pgolf", "eval",
+           str(run / "model.pgw"), "--data", str(data), "--out", str(two)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    for name in ("plain", "sliding", "ttt"):
+        ra, rb = a["results"][name], b["results"][name]
+        assert (rb["tokens"], rb["bytes"]) == (ra["tokens"], ra["bytes"]), name
+        assert rb["nll_sum"] == pytest.approx(ra["nll_sum"], rel=1e-6), name
+        assert rb["val_bpb"] == pytest.approx(ra["val_bpb"], rel=1e-6), name

@@ -224,8 +224,7 @@ def test_two_gloo_processes_match_one(wiki_data, tmp_path):
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     assert out.get(timeout=5) == 4
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
-    # same init and global batch; rank 1's span starts one token later than in the 1-process batch, so the
-    # data differs by a shift and the curves agree closely, not exactly
-    assert two[1] == pytest.approx(one[1], abs=2e-3)
-    for step in range(2, 5):
-        assert two[step] == pytest.approx(one[step], abs=0.15), (step, one, two)
+    # same init, same sequences in every step's global batch (pgolf.data.loader): the curves differ only by
+    # float reduction order (about 5e-7 here)
+    for step in range(1, 5):
+        assert two[step] == pytest.approx(one[step], abs=1e-5), (step, one, two)

@@ -1,9 +1,9 @@
 """Token streams for training and the validation tokens, read through `read_shard` (so FILE_AUDIT sees them).
 
 `TrainTokenStream` walks the sorted training shards front to back and wraps around forever, as the
-challenge's loader, except that one micro-step's span (global micro-batch + 1 tokens) is shared by all ranks,
-each keeping its own rows: the batches do not depend on the number of ranks (the challenge's loader shifts
-each rank's slice by one token per rank).
+challenge's loader, except that one optimizer step's span (global batch + 1 tokens) is shared by all ranks
+and micro-steps, each keeping its own rows: the batches do not depend on how the global batch is split into
+ranks x micro-steps (the challenge's loader shifts each rank's slice by one token per rank).
 """
 
 from pathlib import Path
@@ -26,6 +26,9 @@ class TrainTokenStream:
         self.file_idx = 0
         self.pos = 0
         self._tokens = None
+        self._span = None  # the current step's tokens, until its last micro-step has read them
+        self._span_key = None  # (batch_tokens, grad_accum) the span was read for
+        self._micro = 0  # micro-steps of the current step already handed out
 
     def _current(self) -> np.ndarray:
         if self._tokens is None:
@@ -54,21 +57,33 @@ class TrainTokenStream:
     def next_batch(self, batch_tokens: int, seq_len: int, grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (x, y) for one micro-step: int64 CPU tensors of shape (local_tokens // seq_len, seq_len).
 
-        All ranks read the same span of batch_tokens / grad_accum + 1 tokens and rank r keeps rows
-        [r * rows, (r + 1) * rows) of its sequences, so the global batch is the same on any number of ranks.
+        The first micro-step of an optimizer step reads a span of batch_tokens + 1 tokens. It is cut into
+        world_size * grad_accum pieces of local_tokens; micro-step m of rank r keeps piece m * world_size + r.
+        So one rank with grad_accum = N and N ranks with grad_accum = 1 train on the same sequences, step for
+        step, and every micro-step's pieces tile one contiguous stretch across the ranks.
         """
         local_tokens = batch_tokens // (self.world_size * grad_accum)
         if local_tokens <= 0 or local_tokens % seq_len:
             raise UserError(f"batch_tokens={batch_tokens} / (world_size={self.world_size} * grad_accum={grad_accum})"
                             f" = {local_tokens} is not a positive multiple of seq_len={seq_len}")
-        micro_tokens = local_tokens * self.world_size
-        chunk = torch.from_numpy(self._take(micro_tokens + 1))
-        start = self.rank * local_tokens
-        x = chunk[start:start + local_tokens]
-        y = chunk[start + 1:start + local_tokens + 1]
+        if self._micro == 0:
+            self._span = torch.from_numpy(self._take(batch_tokens + 1))
+            self._span_key = (batch_tokens, grad_accum)
+        elif self._span_key != (batch_tokens, grad_accum):
+            raise UserError(f"next_batch(batch_tokens={batch_tokens}, grad_accum={grad_accum}) in the middle of a step "
+                            f"of (batch_tokens, grad_accum) = {self._span_key}")
+        start = (self._micro * self.world_size + self.rank) * local_tokens
+        x = self._span[start:start + local_tokens]
+        y = self._span[start + 1:start + local_tokens + 1]
+        self._micro = (self._micro + 1) % grad_accum
+        if self._micro == 0:
+            self._span = None
         return x.reshape(-1, seq_len), y.reshape(-1, seq_len)
 
     def state_dict(self) -> dict:
+        """Where the stream stands between optimizer steps (UserError in the middle of one)."""
+        if self._micro:
+            raise UserError(f"loader state asked for after {self._micro} micro-step(s) of an optimizer step")
         return {"files": [p.name for p in self.files], "file_idx": self.file_idx, "pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:
@@ -76,6 +91,7 @@ class TrainTokenStream:
         if list(state.get("files", [])) != names:
             raise UserError(f"loader state was saved over shards {state.get('files')}, not {names}")
         self.file_idx, self.pos, self._tokens = int(state["file_idx"]), int(state["pos"]), None
+        self._span, self._span_key, self._micro = None, None, 0
 
 
 def load_val_tokens(pattern_or_files, vocab_size: int | None = None, max_tokens: int = 0) -> torch.Tensor:

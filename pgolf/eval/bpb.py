@@ -2,8 +2,9 @@
 
 val_loss is the mean NLL in nats over every scored target token; val_bpb = val_loss / ln 2 * tokens / bytes,
 i.e. the summed NLL in bits divided by the UTF-8 bytes the scored tokens stand for (pgolf.data.bytes).
-Sums are float64 and counts int64, all-reduced across ranks. Positions are "prediction positions": position
-i predicts token i + 1 from tokens 0..i, so a stream of n tokens has n - 1 targets.
+Sums are float64 and counts int64, all-reduced across ranks; a result carries the NLL sum (nats) as well.
+Positions are "prediction positions": position i predicts token i + 1 from tokens 0..i, so a stream of n
+tokens has n - 1 targets.
 """
 
 import math
@@ -39,7 +40,7 @@ class BpbAccumulator:
         tokens, n_bytes = (int(v) for v in self.counts.tolist())
         val_loss = loss_sum / tokens if tokens else float("nan")
         val_bpb = loss_sum / math.log(2.0) / n_bytes if n_bytes else float("nan")
-        return {"val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens, "bytes": n_bytes}
+        return {"val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens, "bytes": n_bytes, "nll_sum": loss_sum}
 
 
 class PerTokenScores:

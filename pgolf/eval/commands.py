@@ -3,7 +3,7 @@ legality harness's PASS/FAIL table; exit 1 on any FAIL).
 
 ARTIFACT is a quantized model.pgq or float weights model.pgw; a RUN_DIR stands for its model.pgq (or
 model.pgw). The model is built from the run's config.json (beside the artifact, or --config), a --recipe,
-and --set overrides.
+and --set overrides. Under torchrun, `pgolf eval` splits the evaluations across the ranks.
 """
 
 import dataclasses
@@ -125,15 +125,32 @@ def format_eval_table(results: dict) -> str:
 
 
 def cmd_eval(args) -> int:
+    """Evaluate on one process, or under torchrun on N ranks that split the windows and TTT's batches; rank
+    0 prints the table and writes eval.json."""
+    from pgolf.dist import destroy_distributed, init_distributed, is_dist_active
+
     artifact = eval_resolve_artifact(Path(args.artifact))
     cfg = eval_load_config(artifact, args.recipe, args.config, args.overrides, args.data)
+    owned = not is_dist_active()
+    denv = init_distributed(eval_device(cfg).type)
+    try:
+        return eval_and_report(args, artifact, cfg, denv)
+    finally:
+        if owned:
+            destroy_distributed()
+
+
+def eval_and_report(args, artifact: Path, cfg: RunConfig, denv) -> int:
     tokens, lut = eval_load_data(cfg, args.max_tokens or cfg.eval.val_tokens)
-    model = eval_load_model(artifact, cfg, eval_device(cfg))
+    model = eval_load_model(artifact, cfg, denv.device)
     t0 = time.perf_counter()
-    results = evaluate_configured(model, tokens, lut, cfg)
+    results = evaluate_configured(model, tokens, lut, cfg, denv.rank, denv.world_size)
+    if not denv.is_main:
+        return 0
     print(format_eval_table(results))
     report = {"artifact": str(artifact), "config_hash": config_hash(cfg), "val_tokens": int(tokens.numel()),
-              "results": results, "timings": {f"eval_{k}_s": v["seconds"] for k, v in results.items()},
+              "world_size": denv.world_size, "results": results,
+              "timings": {f"eval_{k}_s": v["seconds"] for k, v in results.items()},
               "seconds": time.perf_counter() - t0}
     out = Path(args.out) if args.out else artifact.parent / "eval.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -221,7 +238,10 @@ def add_eval_shared_args(p) -> None:
 
 
 def add_eval_commands(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="val_loss / val_bpb of a saved model: plain, sliding, TTT as configured")
+    p = subparsers.add_parser("eval", help="val_loss / val_bpb of a saved model: plain, sliding, TTT as configured",
+                              description="Evaluate a saved model and write eval.json. On N ranks (torchrun "
+                                          "--nproc_per_node=N -m pgolf eval ...) the ranks split the windows "
+                                          "and TTT's batches; the sums are all-reduced.")
     p.add_argument("artifact", help="model.pgq, model.pgw, or a run directory")
     add_eval_shared_args(p)
     p.add_argument("--max-tokens", type=int, default=0,
