@@ -47,11 +47,11 @@ OWNED_KEYS = ("train.batch_tokens", "train.grad_accum", "train.wallclock_s", "tr
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--recipe")
     ap.add_argument("--nproc", type=int, default=2, help="GPUs (processes) of run B (default 2)")
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps of both runs (default 300)")
-    ap.add_argument("--data", required=True, help="folder with the shards and the tokenizer")
-    ap.add_argument("--out", required=True, help="folder for the two run directories, eval JSONs, scale_out.json")
+    ap.add_argument("--data", help="folder with the shards and the tokenizer")
+    ap.add_argument("--out", help="folder for the two run directories, eval JSONs, scale_out.json")
     ap.add_argument("--batch-tokens", type=int, default=0,
                     help="global batch per step (default: the recipe's batch * nproc / 8, which must split into "
                          "8 GPUs' shares of whole sequences; give it for recipes whose batch does not)")
@@ -65,12 +65,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tail-steps", type=int, default=50, help="steps of the smoothed end-of-run loss (default 50)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"],
                     help="train.device of both runs (default: the recipe's); cpu runs gloo processes")
+    ap.add_argument("--replot", metavar="JSON",
+                    help="only redraw the figure of an existing scale_out.json (beside it); runs nothing")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="extra config override for both runs (repeatable; not the keys the script sets)")
     return ap.parse_args(argv)
 
 
 def check_args(args) -> None:
+    missing = [flag for flag in ("recipe", "data", "out") if not getattr(args, flag)]
+    if missing:
+        raise UserError(f"--{missing[0]} is required (unless --replot)")
     checks = [(args.nproc >= 2, f"--nproc {args.nproc}: must be at least 2"),
               (args.steps >= 2, f"--steps {args.steps}: must be at least 2"),
               (args.batch_tokens >= 0, f"--batch-tokens {args.batch_tokens}: must be positive (or 0: derived)"),
@@ -303,6 +308,38 @@ def markdown_table(report: dict) -> str:
     return "\n".join(rows)
 
 
+def plot_curves(report: dict, path: Path) -> Path:
+    """Two panels: both runs' train loss per step with their validation points, and the per-step difference
+    N GPUs minus 1 GPU, so a reader sees at once whether the curves agree and how far they drift."""
+    from pgolf.experiments.plots import PLOT_STYLE, pyplot
+
+    plt = pyplot()
+    t, n = report["train"], report["nproc"]
+    runs = {f"1 GPU, grad_accum {t['a']['grad_accum']}": t["a"], f"{n} GPUs": t["b"]}
+    by_step = {label: ({int(s): v for s, v in run["loss"].items()}, {int(s): v for s, v in run["val_loss"].items()})
+               for label, run in runs.items()}  # JSON keys are strings
+    with plt.rc_context(PLOT_STYLE):
+        fig, (ax_loss, ax_diff) = plt.subplots(1, 2, figsize=(12, 4.2))
+        for label, (train, val) in by_step.items():
+            line, = ax_loss.plot(sorted(train), [train[s] for s in sorted(train)], lw=1.2, label=f"{label}: train")
+            ax_loss.plot(sorted(val), [val[s] for s in sorted(val)], "o", color=line.get_color(),
+                         label=f"{label}: val")
+        ax_loss.set(title=f"{report['recipe']}: loss per step, batch {report['batch_tokens']:,} tokens",
+                    xlabel="optimizer step", ylabel="loss (nats/token)")
+        ax_loss.legend()
+        (a, _), (b, _) = by_step.values()
+        steps = sorted(set(a) & set(b))
+        ax_diff.plot(steps, [b[s] - a[s] for s in steps], lw=1.0, color="tab:gray")
+        ax_diff.axhline(0.0, color="black", lw=0.8)
+        ax_diff.set(title=f"train loss, {n} GPUs minus 1 GPU", xlabel="optimizer step", ylabel="difference (nats)")
+        fig.suptitle(f"{report['device']}, {report['date'][:10]}: {n}-GPU throughput x{t['throughput_ratio']:.3f} "
+                     "of one GPU")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+    return path
+
+
 def run_all(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,6 +371,12 @@ def run_all(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.replot:
+            path = Path(args.replot)
+            if not path.is_file():
+                raise UserError(f"--replot {path}: no such file")
+            print(f"wrote {plot_curves(json.loads(path.read_text()), path.with_suffix('.png'))}")
+            return 0
         check_args(args)
         report = run_all(args)
     except UserError as e:
@@ -342,7 +385,7 @@ def main(argv=None) -> int:
     path = Path(args.out) / "scale_out.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(markdown_table(report))
-    print(f"wrote {path}")
+    print(f"wrote {path} and {plot_curves(report, path.with_suffix('.png'))}")
     return 0
 
 

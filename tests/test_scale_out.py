@@ -69,12 +69,18 @@ def test_one_process_and_two_ranks_agree(wiki_data, tmp_path, capsys):
     for name, c in report["eval"].items():
         assert c["counts_equal"] and c["one"]["tokens"] == 4095, name
         assert c["nll_sum_rel_diff"] < 1e-6, (name, c)
+    figure = out / "scale_out.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure.unlink()
+    assert load_script().main(["--replot", str(out / "scale_out.json")]) == 0  # redrawn from the JSON alone
+    assert figure.stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--nproc", "1"], "--nproc 1: must be at least 2"),
     (["--set", "train.grad_accum=4"], "the script sets train.grad_accum itself"),
     (["--batch-tokens", "1000"], "does not split into 2 ranks"),
+    (["--replot", "nowhere.json"], "--replot nowhere.json: no such file"),
 ])
 def test_bad_input_is_one_line_naming_the_value(wiki_data, tmp_path, capsys, extra, message):
     argv = ["--recipe", "tiny", "--data", str(wiki_data), "--out", str(tmp_path / "scale"), *extra]

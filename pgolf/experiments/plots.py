@@ -26,7 +26,7 @@ METRIC_TITLES = {
 }
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +58,7 @@ def plot_loss_curves(curves: dict, path, title: str = "Training loss") -> Path:
 
     Left panel: the whole run; right panel: the second half zoomed, where arms differ.
     """
-    plt = _pyplot()
+    plt = pyplot()
     with plt.rc_context(PLOT_STYLE):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
         for zoom, ax in enumerate(axes):
@@ -88,7 +88,7 @@ def plot_metrics_vs_arm(arms: list[dict], metrics: list[str], path, xlabel: str 
     With a numeric swept value the arms sit at their values on the x axis; otherwise they are rows (y axis),
     so long arm labels stay readable.
     """
-    plt = _pyplot()
+    plt = pyplot()
     numeric_x = [a["x"] for a in arms] if all(a.get("x") is not None for a in arms) else None
     with plt.rc_context(PLOT_STYLE):
         height = 4.6 if numeric_x else max(3.2, 0.45 * len(arms) + 1.8)
@@ -121,7 +121,7 @@ def plot_metrics_vs_arm(arms: list[dict], metrics: list[str], path, xlabel: str 
 
 def plot_quant_delta(arms: list[dict], path, xlabel: str | None = None) -> Path:
     """Bars of the quantization penalty (roundtrip - prequant bpb) per arm, with 95% CI error bars."""
-    plt = _pyplot()
+    plt = pyplot()
     with plt.rc_context(PLOT_STYLE):
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(arms) + 3), 4.6))
         numeric = xlabel is not None and all(a.get("x") is not None for a in arms)
@@ -144,7 +144,7 @@ def plot_paired_deltas(arms: list[dict], metrics: list[str], path, base_label: s
     """One panel per metric: each arm's per-seed difference from the baseline run of the same seed (dots)
     and their mean ± 95% CI (t-distribution over the pairs). arms: [{"label", "x", metric: {"diffs",
     "mean", "ci"}}], the baseline left out."""
-    plt = _pyplot()
+    plt = pyplot()
     numeric_x = [a["x"] for a in arms] if all(a.get("x") is not None for a in arms) else None
     with plt.rc_context(PLOT_STYLE):
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.6), squeeze=False)
@@ -175,7 +175,7 @@ def plot_paired_deltas(arms: list[dict], metrics: list[str], path, base_label: s
 
 def plot_bytes(arms: list[dict], path, cap: int = 16_000_000) -> Path:
     """Stacked code + artifact bytes per arm (mean over seeds) against the size cap, in decimal MB."""
-    plt = _pyplot()
+    plt = pyplot()
     with plt.rc_context(PLOT_STYLE):
         fig, ax = plt.subplots(figsize=(8, max(2.8, 0.55 * len(arms) + 1.8)))
         ys = list(range(len(arms)))
