@@ -89,6 +89,7 @@ class TrainConfig:
     warmdown_frac: float = 0.0  # if > 0: warm down over this fraction of the wallclock instead
     compile_warmup_steps: int = 20  # untimed steps that prime compile; model, optimizer, data then reset
     compile: bool = True
+    compile_mode: str = "default"  # torch.compile's mode, one of COMPILE_MODES
     ema_decay: float = 0.0  # 0 = off; else the EMA weights are the ones evaluated and exported
     swa_every: int = 0  # 0 = off; average every N steps once the LR scale is below swa_start_scale
     swa_start_scale: float = 0.2
@@ -245,6 +246,11 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# torch.compile's modes: "max-autotune*" tune GEMM / Triton templates (and may fuse epilogues) at a longer
+# compile; "reduce-overhead" and "max-autotune" also capture CUDA graphs.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+
+
 def validate_config(cfg: RunConfig) -> None:
     """Cross-field checks that a single field's type cannot express."""
     m, t, q, e = cfg.model, cfg.train, cfg.quant, cfg.eval
@@ -261,6 +267,8 @@ def validate_config(cfg: RunConfig) -> None:
         (m.attention in ("auto", "fa3", "cudnn", "flash", "efficient", "math"),
          f"model.attention={m.attention!r} is not one of auto|fa3|cudnn|flash|efficient|math"),
         (t.batch_tokens % t.seq_len == 0, "train.batch_tokens must be a multiple of train.seq_len"),
+        (t.compile_mode in COMPILE_MODES,
+         f"train.compile_mode={t.compile_mode!r} is not one of {'|'.join(COMPILE_MODES)}"),
         (q.method in ("gptq", "rtn"), f"quant.method={q.method!r} is not gptq|rtn"),
         (q.clip in ("sdclip", "search", "percentile", "none"), f"quant.clip={q.clip!r} is unknown"),
         (5 <= q.matrix_bits <= 8 and 5 <= q.embed_bits <= 8, "quant bits must be in 5..8"),

@@ -179,3 +179,28 @@ def test_dist_env_from_environ():
     with pytest.raises(UserError):
         dist_env_from_environ({"RANK": "4", "WORLD_SIZE": "4"})
     assert all_reduce_max(2.5) == 2.5
+
+
+@pytest.mark.parametrize("mode, kwargs", [("default", {}), ("max-autotune-no-cudagraphs",
+                                                            {"mode": "max-autotune-no-cudagraphs"})])
+def test_compile_mode_reaches_torch_compile(monkeypatch, mode, kwargs):
+    from pgolf.config import apply_overrides
+    from pgolf.recipes import get_recipe
+    from pgolf.train.loop import compile_for_training
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or ("compiled", model))
+    model = nn.Linear(2, 2)
+    cfg = apply_overrides(get_recipe("tiny"), ["train.compile=true", f"train.compile_mode={mode}"])
+    assert compile_for_training(model, cfg) == ("compiled", model) and calls == [kwargs]
+    cfg.train.compile = False
+    assert compile_for_training(model, cfg) is model and len(calls) == 1
+
+
+def test_unknown_compile_mode_is_one_line_naming_it():
+    from pgolf.config import ConfigError, apply_overrides
+    from pgolf.recipes import get_recipe
+
+    with pytest.raises(ConfigError, match=r"^train.compile_mode='fast' is not one of default\|max-autotune") as e:
+        apply_overrides(get_recipe("tiny"), ["train.compile_mode=fast"])
+    assert "\n" not in str(e.value)

@@ -20,7 +20,14 @@ from pgolf.config import RunConfig
 from pgolf.data.loader import TrainTokenStream
 from pgolf.dist import DistEnv, all_reduce_max_many
 from pgolf.optim.builder import broadcast_parameters, build_optimizers
-from pgolf.train.loop import build_model, micro_batch_seqs, seed_everything, train_step, uses_recurrence
+from pgolf.train.loop import (
+    build_model,
+    compile_for_training,
+    micro_batch_seqs,
+    seed_everything,
+    train_step,
+    uses_recurrence,
+)
 
 
 class RandomTokenStream:
@@ -72,7 +79,7 @@ def bench_train(cfg: RunConfig, denv: DistEnv, steps: int, warmup: int, train_fi
     broadcast_parameters(model)
     if uses_recurrence(cfg):
         model.set_recurrence(recurrence)
-    step_model = torch.compile(model) if t.compile else model
+    step_model = compile_for_training(model, cfg)
     opt = build_optimizers(model, cfg.optim, denv.rank, denv.world_size)
     if train_files:
         loader = TrainTokenStream(train_files, denv.rank, denv.world_size, vocab_size=cfg.model.vocab_size)

@@ -91,6 +91,15 @@ def build_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
     return GPT(cfg.model).to(device)
 
 
+def compile_for_training(model: torch.nn.Module, cfg: RunConfig):
+    """The module the training steps call: torch.compile'd in train.compile_mode when train.compile, else the
+    model itself (the compiled module shares the model's parameters)."""
+    if not cfg.train.compile:
+        return model
+    mode = cfg.train.compile_mode
+    return torch.compile(model) if mode == "default" else torch.compile(model, mode=mode)
+
+
 def autocast_context(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -252,7 +261,7 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
     model = build_model(cfg, device)
     broadcast_parameters(model)
     initial_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    step_model = torch.compile(model) if t.compile else model
+    step_model = compile_for_training(model, cfg)
     opt = build_optimizers(model, cfg.optim, denv.rank, denv.world_size)
     loader = TrainTokenStream(train_files, denv.rank, denv.world_size, vocab_size=cfg.model.vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
