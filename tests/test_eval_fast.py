@@ -96,6 +96,7 @@ def test_compiled_fast_path_equals_the_reference(method):
     failed = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
     if failed:  # StaticShapeCompile ran the eager function instead, which matched
         pytest.skip(f"torch.compile does not work on this machine: {failed[0]}")
+    assert 0 < fast["compile_s"] < fast["seconds"]  # the compiles' first calls, a part of the whole
 
 
 def test_batch_plan_keeps_the_stride_except_where_a_window_scores_more():
@@ -134,6 +135,44 @@ def test_a_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert fn(("x",), 4, 3) == 7 and fn(("y",), 1, 1) == 2
+
+
+def test_first_calls_of_compiled_shapes_are_timed_and_only_they(monkeypatch):
+    import time
+
+    calls = []
+
+    def slow_compile(fn, **kwargs):
+        def run(*args):
+            calls.append(args)
+            time.sleep(0.05)
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(scoring.torch, "compile", slow_compile)
+    fn = StaticShapeCompile(lambda a, b: a + b, {("x",), ("y",)}, "adder")
+    assert fn(("x",), 1, 2) == 3 and fn(("x",), 1, 2) == 3 and fn(("eager",), 1, 1) == 2
+    assert 0.05 <= fn.first_call_s < 0.1  # x's first call only: its second call and the eager shape are not
+    assert fn(("y",), 2, 2) == 4 and 0.1 <= fn.first_call_s < 0.2 and len(calls) == 3
+
+
+@pytest.mark.parametrize("method", ["sliding", "ttt"])
+def test_results_split_their_seconds(method):
+    res = run_method(method, EvalToyModel(VOCAB), "eager")
+    assert res["compile_s"] == 0.0  # nothing compiled on the eager path
+    if method == "ttt":
+        parts = [res["score_s"], res["adapt_first_chunk_s"], res["adapt_s"]]
+        assert res["adapted_chunks"] >= 2 and all(p > 0 for p in parts)
+        assert sum(parts) <= res["seconds"]
+
+
+def test_the_eval_table_shows_compile_seconds_where_known():
+    from pgolf.eval.commands import format_eval_table
+
+    row = {"val_loss": 2.0, "val_bpb": 1.5, "tokens": 10, "bytes": 30, "seconds": 4.0}
+    lines = format_eval_table({"plain": row, "sliding": {**row, "compile_s": 2.5}}).splitlines()
+    assert lines[0].split()[-2:] == ["seconds", "compile"]
+    assert lines[1].split()[-2:] == ["4.0", "-"] and lines[2].split()[-2:] == ["4.0", "2.5"]
 
 
 @pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 2)])

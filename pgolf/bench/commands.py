@@ -149,10 +149,11 @@ def format_eval_bench(evals: dict) -> list[str]:
         if "skipped" in r:
             lines.append(f"  {kind:<14} skipped: {r['skipped']}")
             continue
-        detail = f"seq {r['seq_len']}, stride {r['stride']}"
+        detail = f"seq {r['seq_len']}, stride {r['stride']}; compile {r['compile_s']:.1f} s"
         if kind == "ttt":
-            detail += (f", {r['mode']}, {r['epochs']} epochs, {r['adapted_chunks']} of {r['chunks']} chunks "
-                       f"of {r['chunk_tokens']:,} adapted")
+            detail += (f"; scoring {r['score_s']:.1f} s, adapting {r['adapt_first_chunk_s']:.1f} s (first chunk) "
+                       f"+ {r['adapt_s']:.1f} s; {r['mode']}, {r['epochs']} epochs, {r['adapted_chunks']} of "
+                       f"{r['chunks']} chunks of {r['chunk_tokens']:,} adapted")
         lines.append(f"  {kind:<14} {r['tokens_per_s']:,.0f} tokens/s  ({r['tokens']:,} tokens in "
                      f"{r['seconds']:.2f} s; {detail})")
     return lines

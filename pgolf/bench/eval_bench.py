@@ -5,6 +5,9 @@ EvalConfig's stride, batch sizes, chunks and epochs, windows split over the rank
 n tokens of the validation shards, or seeded random tokens without data. One short untimed pass first warms
 up kernels and allocations (for TTT it covers one adapted chunk). Bytes come from a table of one byte per
 token: a benchmark's bpb means nothing, so none is reported. tokens/s = scored target tokens / seconds.
+The warm-up stream is too short for "auto" to compile the bulk scoring shape, so the timed pass compiles it:
+its seconds include that compile, as an evaluation's do, and "compile_s" says how much of them it took (TTT
+adds its scoring, first-chunk and other adaptation seconds).
 """
 
 import time
@@ -61,7 +64,7 @@ def bench_sliding(model, cfg: RunConfig, tokens: torch.Tensor, denv: DistEnv) ->
     out = timed_throughput(lambda: run(tokens), denv.device)
     res = out.pop("result")
     out.update({"seq_len": seq_len, "stride": e.sliding_stride, "batch_seqs": e.batch_seqs,
-                "windows": res["windows"]})
+                "windows": res["windows"], "compile_s": res["compile_s"]})
     return out
 
 
@@ -79,6 +82,7 @@ def bench_ttt(model, cfg: RunConfig, tokens: torch.Tensor, denv: DistEnv) -> dic
     out.update({"seq_len": seq_len, "stride": e.sliding_stride or seq_len, "mode": e.ttt_mode,
                 "epochs": e.ttt_epochs, "chunk_tokens": e.ttt_chunk_tokens, "chunks": res["chunks"],
                 "adapted_chunks": res["adapted_chunks"], "updates": res["updates"]})
+    out.update({k: res[k] for k in ("compile_s", "score_s", "adapt_first_chunk_s", "adapt_s")})
     return out
 
 

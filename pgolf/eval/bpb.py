@@ -161,12 +161,14 @@ def evaluate_windows(model, val_tokens: torch.Tensor, lut, windows, keep: int, b
         if scorer == "reference":
             reference(tokens, lo, hi, byte_cum, acc, per_token)
         else:
-            WindowScorer(model, tokens, [windows[lo:hi]], batch_seqs, keep, byte_cum, scorer, per_token,
-                         inspect).score_group(0, acc)
+            window_scorer = WindowScorer(model, tokens, [windows[lo:hi]], batch_seqs, keep, byte_cum, scorer,
+                                         per_token, inspect)
+            window_scorer.score_group(0, acc)
     model.train(was_training)
     acc.all_reduce()
     out = acc.result()
     out["seconds"] = time.perf_counter() - t0
+    out["compile_s"] = 0.0 if scorer == "reference" else window_scorer.forward.first_call_s
     if per_token is not None:
         out.update(per_token.as_dict())
     return out

@@ -117,10 +117,14 @@ def evaluate_configured(model, val_tokens, lut, cfg: RunConfig, rank: int = 0, w
 
 
 def format_eval_table(results: dict) -> str:
-    lines = [f"{'method':<8}  {'val_loss':>9}  {'val_bpb':>9}  {'tokens':>11}  {'bytes':>12}  {'seconds':>8}"]
+    """One line per method; "compile" is the part of its seconds spent in the first call of each compiled
+    scoring shape (pgolf.eval.scoring.StaticShapeCompile), "-" where the result does not say."""
+    lines = [f"{'method':<8}  {'val_loss':>9}  {'val_bpb':>9}  {'tokens':>11}  {'bytes':>12}  {'seconds':>8}  "
+             f"{'compile':>8}"]
     for name, r in results.items():
+        compile_s = f"{r['compile_s']:8.1f}" if "compile_s" in r else f"{'-':>8}"
         lines.append(f"{name:<8}  {r['val_loss']:9.5f}  {r['val_bpb']:9.5f}  {r['tokens']:11,}  {r['bytes']:12,}  "
-                     f"{r['seconds']:8.1f}")
+                     f"{r['seconds']:8.1f}  {compile_s}")
     return "\n".join(lines)
 
 

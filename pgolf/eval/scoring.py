@@ -24,6 +24,7 @@ signature compiled, on any device: for tests), "eager" (this path, never compile
 """
 
 import contextlib
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.errors import UserError
+from pgolf.train.clock import cuda_sync
 
 SCORER_MODES = ("auto", "compiled", "eager", "reference")
 # A compile of the record model's scoring forward costs tens of seconds; compiled, a batch of 32 windows of
@@ -91,16 +93,33 @@ def full_tail_nll(model, x: torch.Tensor, y: torch.Tensor, keep: int) -> torch.T
 class StaticShapeCompile:
     """fn(*args) compiled with static shapes (dynamic=False) for the listed signatures only; every other
     signature runs fn eagerly. If a compiled call fails, a warning says why and fn runs eagerly from then on
-    (the eager function is the reference; an error of its own still raises)."""
+    (the eager function is the reference; an error of its own still raises).
+
+    `first_call_s` sums the wall seconds of each compiled signature's first call, the GPU synchronised around
+    it: the compile of its forward (a backward, compiled at its first backward pass, is not in it) plus one
+    call's work. An evaluation reports it, so that its time splits into compiling and scoring."""
 
     def __init__(self, fn, signatures, name: str):
         self.fn, self.name = fn, name
         self.signatures = set(signatures)
         self.compiled = torch.compile(fn, dynamic=False) if self.signatures else None
+        self.first_call_s = 0.0
+        self._called = set()
 
     def __call__(self, signature, *args):
         if signature not in self.signatures:
             return self.fn(*args)
+        if signature not in self._called:
+            self._called.add(signature)
+            cuda_sync()
+            t0 = time.perf_counter()
+            out = self._call_compiled(*args)
+            cuda_sync()
+            self.first_call_s += time.perf_counter() - t0
+            return out
+        return self._call_compiled(*args)
+
+    def _call_compiled(self, *args):
         try:
             return self.compiled(*args)
         except Exception as e:  # noqa: BLE001 - a compiler failure of any kind: fall back to the reference

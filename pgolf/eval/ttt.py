@@ -35,6 +35,7 @@ from pgolf.eval.scoring import (
     scorer_for,
 )
 from pgolf.eval.sliding import score_windows, sliding_windows
+from pgolf.train.clock import PhaseTimer
 
 # Compiling the record model's forward and backward costs tens of seconds (less with a warm inductor cache);
 # compiled, a step of 15 x 2048 tokens takes tens of milliseconds less than eagerly: a step shape needs a few
@@ -185,12 +186,22 @@ def ttt_step_compile(cfg, seq_len: int, n_chunks: int, scorer: str, device, rank
 
 
 def ttt_chunk_scorer(work, tokens, parts: list, cfg, stride: int, byte_cum, scorer: str, per_token, inspect):
-    """score(c, acc): this rank's windows of chunk c (parts[c]) through the reference or the fast path."""
+    """(score, forward): score(c, acc) scores this rank's windows of chunk c (parts[c]) through the reference
+    or the fast path; forward is the fast path's StaticShapeCompile (None on the reference path)."""
     if scorer == "reference":
-        return lambda c, acc: score_windows(work, tokens, parts[c], cfg.batch_seqs, byte_cum, acc, per_token,
-                                            inspect)
-    return WindowScorer(work, tokens, parts, cfg.batch_seqs, stride, byte_cum, scorer, per_token,
-                        inspect).score_group
+        return (lambda c, acc: score_windows(work, tokens, parts[c], cfg.batch_seqs, byte_cum, acc, per_token,
+                                             inspect)), None
+    window_scorer = WindowScorer(work, tokens, parts, cfg.batch_seqs, stride, byte_cum, scorer, per_token, inspect)
+    return window_scorer.score_group, window_scorer.forward
+
+
+def ttt_time_split(timer: PhaseTimer, score_forward) -> dict:
+    """Where this rank's TTT seconds went: scoring ("score_s"; of it "compile_s", the first call of each
+    compiled scoring shape, as in the plain and sliding results), the adaptation of the first adapted chunk
+    (which compiles the step's forward and backward) and that of the other chunks."""
+    split = {name: timer.elapsed(name) for name in ("score_s", "adapt_first_chunk_s", "adapt_s")}
+    split["compile_s"] = score_forward.first_call_s if score_forward is not None else 0.0
+    return split
 
 
 def evaluate_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, rank: int = 0, world_size: int = 1,
@@ -215,15 +226,17 @@ def evaluate_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, rank: 
     device = model_device(work)
     stream = tokens if scorer == "reference" else tokens.to(device)
     per_token = PerTokenScores(n) if return_per_token else None
-    score_chunk = ttt_chunk_scorer(work, stream, parts, cfg, stride, byte_cum, scorer, per_token, inspect)
+    score_chunk, score_forward = ttt_chunk_scorer(work, stream, parts, cfg, stride, byte_cum, scorer, per_token,
+                                                  inspect)
     step = None if scorer == "reference" else ttt_step_compile(cfg, seq_len, n_chunks, scorer, device, rank,
                                                                 world_size)
     opt = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
     acc = BpbAccumulator(device)
     trace, updates, adapted, scored_upto, adapting = [], 0, 0, 0, True
+    timer = PhaseTimer()
     for c, group in enumerate(groups):
         work.eval()
-        with torch.inference_mode():  # as evaluate_sliding: its compiled scoring forward serves here too
+        with timer.phase("score_s"), torch.inference_mode():  # as evaluate_sliding's scoring
             score_chunk(c, acc)
         if group:
             scored_upto = group[-1][2]  # the last target scored so far
@@ -244,13 +257,15 @@ def evaluate_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, rank: 
         chunk_lo = c * cfg.ttt_chunk_tokens
         chunk_hi = min((c + 1) * cfg.ttt_chunk_tokens, scored_upto + 1)
         before = updates
-        updates = ttt_train_chunk(work, params, opt, stream, chunk_lo, chunk_hi, seq_len, cfg, rank, world_size,
-                                  trace, c, updates, step)
+        with timer.phase("adapt_first_chunk_s" if adapted == 0 else "adapt_s"):
+            updates = ttt_train_chunk(work, params, opt, stream, chunk_lo, chunk_hi, seq_len, cfg, rank,
+                                      world_size, trace, c, updates, step)
         adapted += updates > before
     acc.all_reduce()
     out = acc.result()
     out.update({"seconds": time.perf_counter() - t0, "chunks": n_chunks, "updates": updates,
                 "adapted_chunks": adapted, "trace": trace})
+    out.update(ttt_time_split(timer, score_forward))
     if per_token is not None:
         out.update(per_token.as_dict())
     return out
