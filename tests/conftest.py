@@ -28,6 +28,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def write_wiki_shards(out: Path, val_tokens: int, total_tokens: int) -> Path:
+    """Challenge-format shards of real Wikipedia text in `out`, beside a copy of the sp1024 tokenizer: the
+    first val_tokens of the encoded documents (BOS before each) as the val shard, the rest up to at least
+    total_tokens as the train shard. Built at test time: no corpus text is kept in the repository."""
+    import itertools
+    import shutil
+
+    import numpy as np
+    import sentencepiece as spm
+
+    from pgolf.data.corpus import iter_documents
+    from pgolf.data.shards import write_shard
+
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_1024))
+    shutil.copyfile(TOKENIZER_1024, out / TOKENIZER_1024.name)
+    ids: list[int] = []
+    for doc in itertools.islice(iter_documents([WIKI_DIR / "docs_000.jsonl.xz"]), 200):
+        ids += [sp.bos_id()] + sp.encode(doc)
+        if len(ids) > total_tokens:
+            break
+    tokens = np.array(ids, dtype=np.uint16)
+    write_shard(out / "fineweb_val_000000.bin", tokens[:val_tokens])
+    write_shard(out / "fineweb_train_000000.bin", tokens[val_tokens:])
+    return out
+
+
 @pytest.fixture
 def tiny_cfg():
     from pgolf.recipes import recipe_tiny

@@ -2,13 +2,10 @@
 ranks, then evaluated on one rank and on two; the curves and the NLL sums must agree."""
 
 import importlib.util
-import itertools
 import json
-import shutil
 
-import numpy as np
 import pytest
-from conftest import REPO, TOKENIZER_1024, WIKI_DIR
+from conftest import REPO, write_wiki_shards
 
 pytestmark = pytest.mark.shared
 
@@ -23,23 +20,7 @@ def load_script():
 @pytest.fixture(scope="module")
 def wiki_data(tmp_path_factory):
     """A val shard of 5,000 and a train shard of ~40,000 real Wikipedia tokens, beside the tokenizer."""
-    import sentencepiece as spm
-
-    from pgolf.data.corpus import iter_documents
-    from pgolf.data.shards import write_shard
-
-    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_1024))
-    out = tmp_path_factory.mktemp("wiki")
-    shutil.copyfile(TOKENIZER_1024, out / TOKENIZER_1024.name)
-    ids: list[int] = []
-    for doc in itertools.islice(iter_documents([WIKI_DIR / "docs_000.jsonl.xz"]), 200):
-        ids += [sp.bos_id()] + sp.encode(doc)
-        if len(ids) > 45_000:
-            break
-    tokens = np.array(ids, dtype=np.uint16)
-    write_shard(out / "fineweb_val_000000.bin", tokens[:5_000])
-    write_shard(out / "fineweb_train_000000.bin", tokens[5_000:])
-    return out
+    return write_wiki_shards(tmp_path_factory.mktemp("wiki"), 5_000, 45_000)
 
 
 def test_one_process_and_two_ranks_agree(wiki_data, tmp_path, capsys):

@@ -1,7 +1,6 @@
 """train_run end to end on real text (wiki docs, the 1024 tokenizer): learning, wallclock stop, warm-up reset,
 NaN stop, kill + resume, and 2 gloo processes against 1."""
 
-import itertools
 import os
 import socket
 
@@ -13,7 +12,7 @@ import torch.multiprocessing as mp
 from pgolf.runlog import read_metrics
 from pgolf.train import loop
 from pgolf.train.loop import train_run
-from tests.conftest import TOKENIZER_1024, WIKI_DIR
+from tests.conftest import TOKENIZER_1024, write_wiki_shards
 
 pytestmark = pytest.mark.shared
 
@@ -21,22 +20,7 @@ pytestmark = pytest.mark.shared
 @pytest.fixture(scope="module")
 def wiki_data(tmp_path_factory):
     """A small train shard and val shard of real Wikipedia text, built here (nothing copied into the repo)."""
-    import sentencepiece as spm
-
-    from pgolf.data.corpus import iter_documents
-    from pgolf.data.shards import write_shard
-
-    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_1024))
-    out = tmp_path_factory.mktemp("wiki")
-    ids: list[int] = []
-    for doc in itertools.islice(iter_documents([WIKI_DIR / "docs_000.jsonl.xz"]), 200):
-        ids += [sp.bos_id()] + sp.encode(doc)
-        if len(ids) > 140_000:
-            break
-    tokens = np.array(ids, dtype=np.uint16)
-    write_shard(out / "fineweb_val_000000.bin", tokens[:1_500])
-    write_shard(out / "fineweb_train_000000.bin", tokens[1_500:])
-    return out
+    return write_wiki_shards(tmp_path_factory.mktemp("wiki"), 1_500, 140_000)
 
 
 def small_cfg(data, out, name, **train):
