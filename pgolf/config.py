@@ -57,6 +57,7 @@ class ModelConfig:
     parallel_resid_from: int = -1  # parallel attention+MLP residual from this layer on; -1 = off
     ortho_init: bool = False  # orthogonal init of the block matrices
     attention: str = "auto"  # auto | fa3 | cudnn | flash | efficient | math
+    native_gqa: bool = False  # SDPA reads K/V with their own head count (enable_gqa), none expanded; see attention.py
 
 
 @dataclass
@@ -266,6 +267,8 @@ def validate_config(cfg: RunConfig) -> None:
          "model.recur_first..recur_last must be a span of layers when recur_loops > 0"),
         (m.attention in ("auto", "fa3", "cudnn", "flash", "efficient", "math"),
          f"model.attention={m.attention!r} is not one of auto|fa3|cudnn|flash|efficient|math"),
+        (not (m.native_gqa and m.attention == "efficient"),
+         "model.native_gqa needs a kernel that reads unexpanded K/V: model.attention=efficient has none"),
         (t.batch_tokens % t.seq_len == 0, "train.batch_tokens must be a multiple of train.seq_len"),
         (t.compile_mode in COMPILE_MODES,
          f"train.compile_mode={t.compile_mode!r} is not one of {'|'.join(COMPILE_MODES)}"),

@@ -208,6 +208,34 @@ def test_reference_attention_agrees_with_the_fast_path_on_cpu(heads, kv_heads):
     assert not torch.allclose(ref[:, 1:], reference_attention(q, k, v.flip(1))[:, 1:])
 
 
+@pytest.mark.parametrize("native_gqa", [False, True])
+def test_native_gqa_hands_sdpa_the_unexpanded_kv(monkeypatch, native_gqa):
+    """With a cuDNN-first list, K/V reach SDPA expanded to the query heads unless model.native_gqa."""
+    seen = {}
+
+    def recording_sdpa(q, k, v, is_causal, enable_gqa):  # (B, H, T, D), as SDPA takes them
+        seen.update(k_heads=k.size(1), v_heads=v.size(1), enable_gqa=enable_gqa)
+        return reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 9, h, 8, generator=gen) for h in (6, 2, 2))
+    monkeypatch.setattr("pgolf.model.attention.F.scaled_dot_product_attention", recording_sdpa)
+    out = sdpa_attention(q, k, v, SDPA_BACKENDS["cudnn"], native_gqa=native_gqa)
+    assert seen == ({"k_heads": 2, "v_heads": 2, "enable_gqa": True} if native_gqa
+                    else {"k_heads": 6, "v_heads": 6, "enable_gqa": False})
+    torch.testing.assert_close(out, reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    model = build(plain_cfg(native_gqa=native_gqa))
+    assert all(block.attn.native_gqa is native_gqa for block in model.blocks)
+
+
+def test_native_gqa_refuses_the_efficient_kernel():
+    from pgolf.config import ConfigError, apply_overrides
+    from pgolf.recipes import get_recipe
+
+    with pytest.raises(ConfigError, match="model.native_gqa needs .* model.attention=efficient has none"):
+        apply_overrides(get_recipe("tiny"), ["model.native_gqa=true", "model.attention=efficient"])
+
+
 def test_param_groups_complete_and_disjoint():
     cfg = dataclasses.replace(record_like_cfg(), tie_embeddings=False)
     model = build(cfg)
@@ -284,13 +312,15 @@ def test_loss_decreases_with_adamw_on_the_tiny_recipe():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention", ["auto", "cudnn", "flash", "efficient"])
-def test_cuda_fast_attention_agrees_with_reference_in_bf16(attention):
+@pytest.mark.parametrize("attention, native_gqa", [("auto", False), ("cudnn", False), ("flash", False),
+                                                   ("efficient", False), ("auto", True), ("cudnn", True)])
+def test_cuda_fast_attention_agrees_with_reference_in_bf16(attention, native_gqa):
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(2, 256, 8, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
     k = torch.randn(2, 256, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn(2, 256, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    model = build(plain_cfg(model_dim=512, num_heads=8, num_kv_heads=4, attention=attention)).cuda()
+    model = build(plain_cfg(model_dim=512, num_heads=8, num_kv_heads=4, attention=attention,
+                            native_gqa=native_gqa)).cuda()
     out = model.blocks[0].attn.attend(q, k, v)
     torch.testing.assert_close(out.float(), reference_attention(q, k, v).float(), atol=2e-2, rtol=2e-2)
 

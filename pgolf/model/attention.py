@@ -48,14 +48,18 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return out.transpose(1, 2).to(q.dtype)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backends: list) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backends: list,
+                   native_gqa: bool = False) -> torch.Tensor:
     """Causal SDPA restricted to `backends` (tried in that order).
 
-    Only the flash and math kernels take enable_gqa; for lists with cuDNN or the efficient kernel the KV
-    heads are expanded with repeat_interleave instead, which every kernel accepts.
+    The flash and math kernels take K/V with fewer heads than Q (enable_gqa). For lists with cuDNN or the
+    efficient kernel the KV heads are expanded with repeat_interleave, which every kernel accepts, unless
+    `native_gqa` asks SDPA to take the unexpanded K/V there too: recent cuDNN kernels read them as they are
+    (no expanded copy written in the forward, none reduced in the backward); where the first backend of the
+    list refuses them, SDPA falls through to the next that takes them (flash), so measure before keeping it.
     """
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    native_gqa = all(b in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH) for b in backends)
+    native_gqa = native_gqa or all(b in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH) for b in backends)
     group = q.size(2) // k.size(2)
     if group > 1 and not native_gqa:
         kt = kt.repeat_interleave(group, dim=1)
@@ -79,7 +83,7 @@ class CausalSelfAttention(nn.Module):
     """GQA with q/k RMSNorm, (partial) RoPE and a learnable per-head q gain; optional XSA."""
 
     def __init__(self, model_dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float,
-                 attention: str = "auto", xsa: bool = False):
+                 attention: str = "auto", xsa: bool = False, native_gqa: bool = False):
         super().__init__()
         if attention not in SDPA_BACKENDS:
             raise UserError(f"model.attention={attention!r} is not one of {'|'.join(SDPA_BACKENDS)}")
@@ -98,6 +102,7 @@ class CausalSelfAttention(nn.Module):
         if attention == "fa3" and self.fa3_func is None:
             raise UserError("model.attention='fa3' but the flash_attn_interface package does not import")
         self.sdpa_backends = SDPA_BACKENDS[attention]
+        self.native_gqa = native_gqa
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The fast causal attention for this device and dtype; (B, T, H, D) in and out."""
@@ -106,7 +111,7 @@ class CausalSelfAttention(nn.Module):
         if self.fa3_func is not None and q.dtype in (torch.bfloat16, torch.float16):
             out = self.fa3_func(q, k, v, causal=True)
             return out[0] if isinstance(out, tuple) else out
-        return sdpa_attention(q, k, v, self.sdpa_backends)
+        return sdpa_attention(q, k, v, self.sdpa_backends, self.native_gqa)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ve: torch.Tensor | None = None) -> torch.Tensor:
