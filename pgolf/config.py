@@ -58,6 +58,7 @@ class ModelConfig:
     ortho_init: bool = False  # orthogonal init of the block matrices
     attention: str = "auto"  # auto | fa3 | cudnn | flash | efficient | math
     native_gqa: bool = False  # SDPA reads K/V with their own head count (enable_gqa), none expanded; see attention.py
+    residual_dtype: str = "float32"  # float32 | bfloat16: the dtype of the embedding output and residual stream
 
 
 @dataclass
@@ -267,6 +268,8 @@ def validate_config(cfg: RunConfig) -> None:
          "model.recur_first..recur_last must be a span of layers when recur_loops > 0"),
         (m.attention in ("auto", "fa3", "cudnn", "flash", "efficient", "math"),
          f"model.attention={m.attention!r} is not one of auto|fa3|cudnn|flash|efficient|math"),
+        (m.residual_dtype in ("float32", "bfloat16"),
+         f"model.residual_dtype={m.residual_dtype!r} is not float32|bfloat16"),
         (not (m.native_gqa and m.attention == "efficient"),
          "model.native_gqa needs a kernel that reads unexpanded K/V: model.attention=efficient has none"),
         (t.batch_tokens % t.seq_len == 0, "train.batch_tokens must be a multiple of train.seq_len"),

@@ -236,6 +236,35 @@ def test_native_gqa_refuses_the_efficient_kernel():
         apply_overrides(get_recipe("tiny"), ["model.native_gqa=true", "model.attention=efficient"])
 
 
+def test_bf16_residual_stream_stays_bf16_through_every_block():
+    """model.residual_dtype=bfloat16: every block (all techniques on, recurrence too) returns bf16, the logits
+    and loss stay float32 and close to the float32 stream's, and every parameter still gets a float32 grad."""
+    cfg = record_like_cfg()
+    ref = perturb(build(cfg, recurrence=True))
+    model = build(dataclasses.replace(cfg, residual_dtype="bfloat16"), recurrence=True)
+    model.load_state_dict(ref.state_dict())
+    dtypes = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    x, y = tokens(), tokens(seed=2)
+    loss = model(x, y)
+    assert dtypes and set(dtypes) == {torch.bfloat16} and len(dtypes) > cfg.num_layers  # the loop ran too
+    assert model.logits(x).dtype == loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref(x, y), atol=2e-2, rtol=0)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is not None and g.dtype == torch.float32 for g in grads.values())
+    assert grads["tok_emb.weight"].abs().sum() > 0
+
+
+def test_residual_dtype_is_validated():
+    from pgolf.config import ConfigError, apply_overrides
+    from pgolf.recipes import get_recipe
+
+    with pytest.raises(ConfigError, match=r"model.residual_dtype='float16' is not float32\|bfloat16"):
+        apply_overrides(get_recipe("tiny"), ["model.residual_dtype=float16"])
+
+
 def test_param_groups_complete_and_disjoint():
     cfg = dataclasses.replace(record_like_cfg(), tie_embeddings=False)
     model = build(cfg)
@@ -341,3 +370,22 @@ def test_cuda_compiled_mlp_agrees_with_the_functional_reference_for_every_slope(
             expected = mlp.proj(F.leaky_relu(mlp.fc(x), slope).square())
             torch.testing.assert_close(compiled(x).float(), expected.float(), atol=2e-2, rtol=2e-2)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_bf16_residual_step_agrees_with_the_float32_stream():
+    """The compiled forward+backward under bf16 autocast with model.residual_dtype=bfloat16 (one graph), against
+    the float32 stream with the same weights."""
+    cfg = dataclasses.replace(record_like_cfg(), model_dim=128, num_heads=4, num_kv_heads=2, attention="auto")
+    ref = perturb(build(cfg)).cuda()
+    model = build(dataclasses.replace(cfg, residual_dtype="bfloat16")).cuda()
+    model.load_state_dict(ref.state_dict())
+    x, y = tokens(batch=4, seq=256).cuda(), tokens(batch=4, seq=256, seed=2).cuda()
+    losses = []
+    for m in (ref, model):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.compile(m, fullgraph=True)(x, y)
+        loss.backward()
+        losses.append(loss.float())
+    torch.testing.assert_close(losses[1], losses[0], atol=3e-2, rtol=0)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -103,6 +103,7 @@ class GPT(nn.Module):
         self.rotary = Rotary(head_dim, cfg.rope_dims, cfg.rope_base)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.recurrence_active = False
+        self.residual_dtype = getattr(torch, cfg.residual_dtype)
         num_skips = len(virtual_layer_order(cfg, recurrence=True)) // 2 if cfg.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(num_skips, dim)) if num_skips else None
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if num_skips and cfg.skip_gates else None
@@ -160,11 +161,16 @@ class GPT(nn.Module):
                 module.configure_qat(active, bits, clip_k)
 
     def embed_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """x0, the input of the first block: embedding (+ bigram), RMSNorm, then SmearGate."""
+        """x0, the input of the first block: embedding (+ bigram) in model.residual_dtype, RMSNorm, SmearGate.
+
+        The residual stream keeps that dtype through the blocks (their scales and mixes are cast to it). With
+        float32 (the default) every elementwise pass over it moves 4 bytes a value; bfloat16 halves that, as
+        the challenge's scripts do (their model is cast to bf16, the matrices kept fp32), at bf16 precision
+        for the stream and its gradient. The parameters stay float32 either way."""
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids).to(x.dtype)
-        x = self.input_norm(x)
+        x = self.input_norm(x.to(self.residual_dtype))
         if self.smear is not None:
             x = self.smear(x, input_ids)
         return x
