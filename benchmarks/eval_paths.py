@@ -17,6 +17,7 @@ import torch
 
 from pgolf.config import add_override_argument, apply_overrides
 from pgolf.data.bytes import ByteLUT
+from pgolf.dist import cuda_sync
 from pgolf.eval.commands import eval_device, eval_load_config, eval_load_data, eval_load_model, eval_resolve_artifact
 from pgolf.eval.sliding import evaluate_sliding
 from pgolf.eval.ttt import evaluate_ttt
@@ -43,12 +44,10 @@ def run_setup(args):
 
 
 def synchronized_seconds(fn, *args) -> tuple[dict, float]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    cuda_sync()
     t0 = time.perf_counter()
     out = fn(*args)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    cuda_sync()
     return out, time.perf_counter() - t0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pgolf.config import QuantConfig
+from pgolf.dist import cuda_sync
 from pgolf.quant.formats import tensor_policy
 from pgolf.quant.gptq import gptq_quantize_batch, hessian_error, rtn_quantize
 from pgolf.tensorfile import read_tensors
@@ -52,8 +53,7 @@ def probe(run_dir: Path, min_numel: int = 65_536) -> None:
                 q, s = rtn_quantize(w, nbits, clip, k)
             err += float(hessian_error(w, q.float() * s.float()[:, None], h).sum())
             qs.append(q.flatten().cpu())
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
+        cuda_sync()
         dt = time.perf_counter() - t0
         allq = torch.cat(qs)
         bits = entropy_bits(allq)

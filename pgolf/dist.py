@@ -57,6 +57,13 @@ def pick_device(device_pref: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def cuda_sync() -> None:
+    """Wait for the work queued on this process's GPU (a no-op without CUDA): a wall clock read after it sees
+    the work done, not the work queued."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def init_process_group(backend: str, **kwargs) -> None:
     """dist.init_process_group, with torch._dynamo imported first.
 

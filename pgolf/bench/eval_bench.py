@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 
-from pgolf.bench.profile import synchronize
 from pgolf.config import RunConfig
 from pgolf.data.bytes import ByteLUT
 from pgolf.data.loader import load_val_tokens
 from pgolf.data.shards import FILE_AUDIT
-from pgolf.dist import DistEnv
+from pgolf.dist import DistEnv, cuda_sync
 from pgolf.eval.sliding import evaluate_sliding
 from pgolf.eval.ttt import evaluate_ttt
 
@@ -41,12 +40,12 @@ def bench_eval_tokens(cfg: RunConfig, n_tokens: int, val_files: list[Path] | Non
     return torch.randint(0, cfg.model.vocab_size, (n_tokens,), generator=generator)
 
 
-def timed_throughput(run, device: torch.device) -> dict:
+def timed_throughput(run) -> dict:
     """Run one evaluation between device synchronizes; its scored tokens, seconds and tokens/s."""
-    synchronize(device)
+    cuda_sync()
     start = time.perf_counter()
     res = run()
-    synchronize(device)
+    cuda_sync()
     seconds = time.perf_counter() - start
     return {"tokens": res["tokens"], "seconds": seconds, "tokens_per_s": res["tokens"] / seconds, "result": res}
 
@@ -61,7 +60,7 @@ def bench_sliding(model, cfg: RunConfig, tokens: torch.Tensor, denv: DistEnv) ->
                                 denv.world_size)
 
     run(tokens[: seq_len + e.sliding_stride * e.batch_seqs + 1])
-    out = timed_throughput(lambda: run(tokens), denv.device)
+    out = timed_throughput(lambda: run(tokens))
     res = out.pop("result")
     out.update({"seq_len": seq_len, "stride": e.sliding_stride, "batch_seqs": e.batch_seqs,
                 "windows": res["windows"], "compile_s": res["compile_s"]})
@@ -77,7 +76,7 @@ def bench_ttt(model, cfg: RunConfig, tokens: torch.Tensor, denv: DistEnv) -> dic
         return evaluate_ttt(model, stream, lut, e, seq_len, denv.rank, denv.world_size)
 
     run(tokens[: e.ttt_chunk_tokens + seq_len + 1])
-    out = timed_throughput(lambda: run(tokens), denv.device)
+    out = timed_throughput(lambda: run(tokens))
     res = out.pop("result")
     out.update({"seq_len": seq_len, "stride": e.sliding_stride or seq_len, "mode": e.ttt_mode,
                 "epochs": e.ttt_epochs, "chunk_tokens": e.ttt_chunk_tokens, "chunks": res["chunks"],

@@ -24,6 +24,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, record_function
 
+from pgolf.dist import cuda_sync
+
 BENCH_STEP_RANGE = "pgolf_bench_step"
 BENCH_OPTIMIZER_RANGE = "pgolf_bench_optimizer"
 PROFILE_TOP_ROWS = 15
@@ -84,11 +86,6 @@ def kernel_category(name: str, enclosing: list[str] | tuple[str, ...] = ()) -> s
         if any(p in low for p in parts):
             return category
     return OTHER_CATEGORY
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def enclosing_names(event) -> list[str]:
@@ -161,13 +158,13 @@ def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device)
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    synchronize(device)
+    cuda_sync()
     with torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             with record_function(BENCH_STEP_RANGE):
                 step_fn()
-        synchronize(device)
+        cuda_sync()
         wall_s = time.perf_counter() - t0
     events = prof.events()
     step_ms = 1000.0 * wall_s / steps

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from pgolf.bench.flops import peak_bf16_flops, training_flops_per_token
-from pgolf.bench.profile import OptimizerRange, profile_steps, synchronize
+from pgolf.bench.profile import OptimizerRange, profile_steps
 from pgolf.config import RunConfig
 from pgolf.data.loader import TrainTokenStream
-from pgolf.dist import DistEnv, all_reduce_max_many
+from pgolf.dist import DistEnv, all_reduce_max_many, cuda_sync
 from pgolf.optim.builder import broadcast_parameters, build_optimizers
 from pgolf.train.loop import (
     build_model,
@@ -91,13 +91,13 @@ def bench_train(cfg: RunConfig, denv: DistEnv, steps: int, warmup: int, train_fi
     warmup_start = time.perf_counter()
     for _ in range(warmup):
         train_step(step_model, opt, loader, cfg, device)
-    synchronize(device)
+    cuda_sync()
     warmup_s = time.perf_counter() - warmup_start
     step_s, loss = [], None
     for _ in range(steps):
         start = time.perf_counter()
         loss = train_step(step_model, opt, loader, cfg, device)
-        synchronize(device)
+        cuda_sync()
         step_s.append(time.perf_counter() - start)
     step_s = all_reduce_max_many(step_s)  # a step lasts as long as its slowest rank
 

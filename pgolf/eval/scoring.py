@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pgolf.dist import cuda_sync
 from pgolf.errors import UserError
-from pgolf.train.clock import cuda_sync
 
 SCORER_MODES = ("auto", "compiled", "eager", "reference")
 # A compile of the record model's scoring forward costs tens of seconds; compiled, a batch of 32 windows of

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from pgolf.dist import cuda_sync
 from pgolf.errors import UserError
 from pgolf.quant.artifact import QuantizedModel, QuantTensor, choose_section, encode_artifact, section_streams
 from pgolf.quant.codecs import AUTO_CODECS, codec_candidates
@@ -128,7 +129,6 @@ def export_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, pat
     when the real size is over the budget, or under it by more than three margins, k is searched once more
     with the codec ratio measured on the real section. Pruning ±1 values (cfg.fit_to_budget) is the last
     resort when it is still over."""
-    cuda = any(t.is_cuda for t in state.values())
     if cfg.codec not in CONFIG_CODECS:
         raise UserError(f"quant.codec={cfg.codec!r} is not one of {sorted(CONFIG_CODECS)}")
     codecs = CONFIG_CODECS[cfg.codec]
@@ -141,8 +141,7 @@ def export_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, pat
     def timed_call(key, fn, *args, **kwargs):
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
-        if cuda:
-            torch.cuda.synchronize()
+        cuda_sync()
         timings[key] += time.perf_counter() - t0
         return out
 

@@ -3,12 +3,7 @@
 import contextlib
 import time
 
-import torch
-
-
-def cuda_sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+from pgolf.dist import cuda_sync
 
 
 class PhaseTimer:
