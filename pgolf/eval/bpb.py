@@ -157,6 +157,7 @@ def evaluate_windows(model, val_tokens: torch.Tensor, lut, windows, keep: int, b
     per_token = PerTokenScores(tokens.numel()) if return_per_token else None
     was_training = model.training
     model.eval()
+    compile_s = 0.0
     with torch.inference_mode():
         if scorer == "reference":
             reference(tokens, lo, hi, byte_cum, acc, per_token)
@@ -164,11 +165,12 @@ def evaluate_windows(model, val_tokens: torch.Tensor, lut, windows, keep: int, b
             window_scorer = WindowScorer(model, tokens, [windows[lo:hi]], batch_seqs, keep, byte_cum, scorer,
                                          per_token, inspect)
             window_scorer.score_group(0, acc)
+            compile_s = window_scorer.forward.first_call_s
     model.train(was_training)
     acc.all_reduce()
     out = acc.result()
     out["seconds"] = time.perf_counter() - t0
-    out["compile_s"] = 0.0 if scorer == "reference" else window_scorer.forward.first_call_s
+    out["compile_s"] = compile_s
     if per_token is not None:
         out.update(per_token.as_dict())
     return out

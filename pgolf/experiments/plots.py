@@ -4,6 +4,7 @@ Inputs are plain data prepared by report.py from run records; each function writ
 its path. matplotlib is imported inside the functions, so importing this module costs nothing.
 """
 
+import math
 from pathlib import Path
 
 PLOT_STYLE = {
@@ -33,6 +34,11 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def error_bars(cis: list[float]) -> list[float]:
+    """Half-widths for matplotlib's yerr: a CI that is nan (one seed) draws no bar."""
+    return [0.0 if math.isnan(c) else c for c in cis]
 
 
 def _arm_axis(ax, labels: list[str], numeric_x: list[float] | None, xlabel: str | None):
@@ -96,7 +102,7 @@ def plot_metrics_vs_arm(arms: list[dict], metrics: list[str], path, xlabel: str 
                                  squeeze=False, sharey=not numeric_x)
         for i, (ax, metric) in enumerate(zip(axes[0], metrics, strict=True)):
             means = [a[metric][0] for a in arms]
-            cis = [0.0 if a[metric][1] != a[metric][1] else a[metric][1] for a in arms]  # nan -> no bar
+            cis = error_bars([a[metric][1] for a in arms])
             if numeric_x:
                 xs = _arm_axis(ax, [a["label"] for a in arms], numeric_x, xlabel)
                 ax.errorbar(xs, means, yerr=cis, fmt="o-", capsize=4, ms=6, lw=1.4)
@@ -128,7 +134,7 @@ def plot_quant_delta(arms: list[dict], path, xlabel: str | None = None) -> Path:
         labels = [f"{a['x']:g}" for a in arms] if numeric else [a["label"] for a in arms]
         xs = _arm_axis(ax, labels, None, xlabel if numeric else None)  # evenly spaced bars, values as labels
         means = [a["quant_delta"][0] for a in arms]
-        cis = [0.0 if a["quant_delta"][1] != a["quant_delta"][1] else a["quant_delta"][1] for a in arms]
+        cis = error_bars([a["quant_delta"][1] for a in arms])
         ax.bar(xs, means, yerr=cis, capsize=4, color="tab:orange", alpha=0.85)
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_ylabel("quant delta (val_bpb after − before)")
@@ -157,7 +163,7 @@ def plot_paired_deltas(arms: list[dict], metrics: list[str], path, base_label: s
                 ax.plot([x + o for o in offsets], diffs, "o", color="0.5", ms=4,
                         label="one seed" if x == xs[0] else None)
             means = [a[metric]["mean"] for a in arms]
-            cis = [0.0 if a[metric]["ci"] != a[metric]["ci"] else a[metric]["ci"] for a in arms]  # nan -> no bar
+            cis = error_bars([a[metric]["ci"] for a in arms])
             ax.errorbar(xs, means, yerr=cis, fmt="D", color="tab:blue", capsize=5, ms=6, lw=1.6,
                         label="mean ± 95% CI")
             ax.axhline(0.0, color="black", lw=0.9)

@@ -46,7 +46,6 @@ def qat_clip_k(model: nn.Module, quant_cfg, code_bytes: int | None) -> float:
         return quant_cfg.sdclip_k
     from pgolf.quant.pipeline import search_matrix_k
 
-    model = getattr(model, "_orig_mod", model)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     budget = quant_cfg.size_cap - int(code_bytes or 0)
     return float(search_matrix_k(state, quant_cfg, budget, ("zlib9",), ratio=1.0)["k"])
