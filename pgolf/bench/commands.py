@@ -124,8 +124,9 @@ def format_bench_report(report: dict) -> str:
              f"grad_accum {t['grad_accum']}), compile {'on' if t['compile'] else 'off'}, recurrence "
              f"{'on' if t['recurrence'] else 'off'}, {t['data']}; {t['steps']} steps after {t['warmup']} "
              f"warm-up ({t['warmup_s']:.1f} s)",
-             f"  {'ms/step':<14} mean {t['ms_per_step_mean']:.2f}   p50 {t['ms_per_step_p50']:.2f}   "
-             f"min {t['ms_per_step_min']:.2f}",
+             f"  {'ms/step':<14} {t['ms_per_step']:.2f} (steps back to back, one sync at the end)",
+             f"  {'synced steps':<14} mean {t['ms_per_step_synced_mean']:.2f}   p50 {t['ms_per_step_p50']:.2f}   "
+             f"min {t['ms_per_step_min']:.2f} ms (a sync after each)",
              f"  {'tokens/s':<14} {t['tokens_per_s']:,.0f}",
              f"  {'FLOPs/token':<14} {t['flops']['formula']}",
              f"  {'FLOP/s':<14} {t['achieved_flops_per_s_per_device'] / 1e12:.3f} TFLOP/s per device"]

@@ -101,10 +101,19 @@ def is_host_event(event) -> bool:
     return event.device_type == DeviceType.CPU and not event.is_async
 
 
+def annotation_spans(events, name: str) -> list[tuple[float, float]]:
+    """(start, end) on the device timeline of each GPU-side span of the profiler range `name` (torch
+    records one per record_function range that launched device work)."""
+    return [(e.time_range.start, e.time_range.end) for e in events
+            if e.device_type == DeviceType.CUDA and e.is_user_annotation and e.name == name]
+
+
 def device_time_rows(events) -> list[tuple[str, str, float]]:
     """(name, category, microseconds) of every GPU kernel / memcpy / memset, placed by the operator that
-    launched it (linked by the profiler's correlation id)."""
+    launched it (linked by the profiler's correlation id). A kernel that ran inside a device span of the
+    optimizer range counts as optimizer also where that link is missing."""
     launchers = {e.id: e for e in events if is_host_event(e)}
+    optimizer_spans = annotation_spans(events, BENCH_OPTIMIZER_RANGE)
     rows = []
     for e in events:
         if e.device_type != DeviceType.CUDA or e.is_user_annotation:
@@ -113,8 +122,18 @@ def device_time_rows(events) -> list[tuple[str, str, float]]:
         if launcher is None:
             launcher = launchers.get(getattr(e, "linked_correlation_id", None))
         enclosing = enclosing_names(launcher) if launcher is not None else []
+        start = e.time_range.start
+        if any(lo <= start < hi for lo, hi in optimizer_spans):
+            enclosing.append(BENCH_OPTIMIZER_RANGE)
         rows.append((e.name, kernel_category(e.name, enclosing), e.time_range.elapsed_us()))
     return rows
+
+
+def host_ms_per_step(events, name: str, steps: int) -> float:
+    """Host (CPU) milliseconds per step spent inside the profiler range `name`: for the step range, the
+    time Python took to issue the step's work; near the step time, the GPU waited on the host."""
+    total_us = sum(e.time_range.elapsed_us() for e in events if is_host_event(e) and e.name == name)
+    return total_us / 1000.0 / steps
 
 
 def cpu_time_rows(events) -> list[tuple[str, str, float]]:
@@ -149,7 +168,7 @@ def summarize_profile(timed_rows: list[tuple[str, str, float]], steps: int, step
     busy_ms = sum(categories.values())
     return {"kind": kind, "steps": steps, "step_ms": step_ms, "busy_ms_per_step": busy_ms,
             "busy_pct": 100.0 * busy_ms / step_ms, "categories": category_rows,
-            "rows": [asdict(r) for r in rows[:PROFILE_TOP_ROWS]]}
+            "rows": [asdict(r) for r in rows]}
 
 
 def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device) -> dict:
@@ -169,7 +188,10 @@ def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device)
     events = prof.events()
     step_ms = 1000.0 * wall_s / steps
     if device.type == "cuda":
-        return summarize_profile(device_time_rows(events), steps, step_ms, "cuda kernels")
+        report = summarize_profile(device_time_rows(events), steps, step_ms, "cuda kernels")
+        report["host_step_ms"] = host_ms_per_step(events, BENCH_STEP_RANGE, steps)
+        report["host_optimizer_ms"] = host_ms_per_step(events, BENCH_OPTIMIZER_RANGE, steps)
+        return report
     return summarize_profile(cpu_time_rows(events), steps, step_ms, "cpu operators (self time)")
 
 
@@ -177,12 +199,16 @@ def format_profile(report: dict, name_width: int = 56) -> str:
     """The category table and the top rows, as text (long kernel names cut to name_width)."""
     w = name_width
     lines = [f"profile: {report['steps']} steps, {report['step_ms']:.1f} ms/step under the profiler; "
-             f"{report['kind']} busy {report['busy_pct']:.0f}% of the step",
-             f"  {'category':<{w}} {'ms/step':>9} {'% step':>7}"]
+             f"{report['kind']} busy {report['busy_pct']:.0f}% of the step"]
+    if "host_step_ms" in report:
+        lines.append(f"  host: {report['host_step_ms']:.1f} ms/step issuing work, "
+                     f"{report['host_optimizer_ms']:.1f} ms of it in the optimizer step")
+    lines += [f"  {'category':<{w}} {'ms/step':>9} {'% step':>7}"]
     for c in report["categories"]:
         lines.append(f"  {c['category']:<{w}} {c['ms_per_step']:>9.2f} {c['pct_of_step']:>6.1f}%")
-    lines.append(f"  {'top ' + str(len(report['rows'])):<{w}} {'ms/step':>9} {'% step':>7} {'calls':>6}  category")
-    for r in report["rows"]:
+    top = report["rows"][:PROFILE_TOP_ROWS]
+    lines.append(f"  {'top ' + str(len(top)):<{w}} {'ms/step':>9} {'% step':>7} {'calls':>6}  category")
+    for r in top:
         name = r["name"] if len(r["name"]) <= w else r["name"][:w - 3] + "..."
         lines.append(f"  {name:<{w}} {r['ms_per_step']:>9.2f} {r['pct_of_step']:>6.1f}% "
                      f"{r['calls_per_step']:>6.1f}  {r['category']}")
