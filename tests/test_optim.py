@@ -17,7 +17,7 @@ from pgolf.config import OptimConfig, TrainConfig
 from pgolf.dist import init_process_group
 from pgolf.errors import UserError
 from pgolf.optim.builder import broadcast_parameters, build_optimizers
-from pgolf.optim.muon import Muon, muon_reference_step, newton_schulz5
+from pgolf.optim.muon import Muon, muon_reference_step, newton_schulz5, newton_schulz5_reference
 from pgolf.optim.schedules import lr_scale, muon_momentum_at
 from pgolf.tensorfile import read_tensors, write_tensors
 
@@ -102,6 +102,25 @@ def test_newton_schulz_batched_equals_per_matrix():
     assert torch.allclose(batched, single, atol=1e-5)
     tall = G.mT.contiguous()
     assert torch.allclose(newton_schulz5(tall), batched.mT, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (3, 40, 24), (2, 3, 16, 16)])
+def test_newton_schulz_fused_matmuls_match_the_plain_formula(shape):
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    fused, plain = newton_schulz5(G), newton_schulz5_reference(G)
+    assert fused.shape == plain.shape == G.shape
+    assert torch.allclose(fused, plain, atol=1e-5)
+    assert not torch.allclose(fused, G / G.norm(), atol=1e-2)  # five iterations really ran
+
+
+@pytest.mark.gpu
+def test_newton_schulz_fused_matches_the_plain_formula_in_bfloat16_on_cuda():
+    G = torch.randn(11, 512, 1536, generator=torch.Generator().manual_seed(7)).cuda()
+    fused, plain = newton_schulz5(G), newton_schulz5_reference(G)
+    exact = newton_schulz5_reference(G, dtype=torch.float32)
+    assert fused.dtype == plain.dtype == torch.bfloat16
+    # The fused form rounds less often (scalars applied in the fp32 GEMM epilogue): no further from fp32.
+    assert (fused.float() - exact).abs().max() <= (plain.float() - exact).abs().max() * 1.5 + 1e-3
 
 
 def test_newton_schulz_bfloat16_close_to_float32():
