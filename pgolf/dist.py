@@ -57,6 +57,10 @@ def pick_device(device_pref: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+# A gloo group over the ranks of a NCCL run, for the small host-side reductions (see _reduce_floats).
+_CONTROL_GROUP = None
+
+
 def cuda_sync() -> None:
     """Wait for the work queued on this process's GPU (a no-op without CUDA): a wall clock read after it sees
     the work done, not the work queued."""
@@ -84,12 +88,16 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             init_process_group("nccl", device_id=device)
+            global _CONTROL_GROUP
+            _CONTROL_GROUP = dist.new_group(backend="gloo")
         else:
             init_process_group("gloo")
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
 def destroy_distributed() -> None:
+    global _CONTROL_GROUP
+    _CONTROL_GROUP = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -116,10 +124,13 @@ def collective_device() -> torch.device:
 
 
 def _reduce_floats(values: list[float], op) -> list[float]:
+    """Host numbers reduced over ranks: through the gloo control group where there is one, so that the
+    collective does not queue behind the GPU's work (the training loop reads a step while the next runs)."""
     if not is_dist_active():
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=collective_device())
-    dist.all_reduce(t, op=op)
+    device = torch.device("cpu") if _CONTROL_GROUP is not None else collective_device()
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op, group=_CONTROL_GROUP)
     return [float(v) for v in t.cpu().tolist()]
 
 

@@ -112,7 +112,10 @@ def test_nan_loss_stops_with_status_nan(wiki_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "build_model", lambda cfg, device: NanAfter(build(cfg, device)))
     record = train_run(small_cfg(wiki_data, tmp_path, "nan", max_steps=10), final_eval=False)
-    assert record["status"] == "nan" and record["train"]["steps"] == 3
+    # step 3 is the first non-finite one; the loop had already issued step 4 when it read step 3's loss
+    assert record["status"] == "nan" and record["train"]["steps"] == 4
+    nan_events = [m for m in read_metrics(tmp_path / "nan" / "metrics.jsonl") if m.get("what") == "nan"]
+    assert [m["step"] for m in nan_events] == [3]
     saved = (tmp_path / "nan" / "record.json").read_text()
     assert '"status": "nan"' in saved
     assert len(train_losses(tmp_path / "nan")) == 2  # the finite steps' metrics are kept

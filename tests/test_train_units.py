@@ -22,6 +22,7 @@ from pgolf.train.checkpoint import (
     unflatten_state,
 )
 from pgolf.train.clock import PhaseTimer
+from pgolf.train.pipeline import IssuedStep, LossReadback
 from pgolf.train.qat import qat_due, set_qat
 
 
@@ -181,9 +182,13 @@ def test_dist_env_from_environ():
     assert all_reduce_max(2.5) == 2.5
 
 
-@pytest.mark.parametrize("mode, kwargs", [("default", {}), ("max-autotune-no-cudagraphs",
-                                                            {"mode": "max-autotune-no-cudagraphs"})])
-def test_compile_mode_reaches_torch_compile(monkeypatch, mode, kwargs):
+@pytest.mark.parametrize("mode, mix, kwargs", [
+    ("default", True, {}),
+    ("default", False, {"options": {"triton.mix_order_reduction": False}}),
+    ("max-autotune-no-cudagraphs", True, {"options": {"max_autotune": True, "coordinate_descent_tuning": True}}),
+    ("reduce-overhead", False, {"options": {"triton.cudagraphs": True, "triton.mix_order_reduction": False}}),
+])
+def test_compile_mode_and_inductor_options_reach_torch_compile(monkeypatch, mode, mix, kwargs):
     from pgolf.config import apply_overrides
     from pgolf.recipes import get_recipe
     from pgolf.train.loop import compile_for_training
@@ -191,7 +196,8 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, mode, kwargs):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or ("compiled", model))
     model = nn.Linear(2, 2)
-    cfg = apply_overrides(get_recipe("tiny"), ["train.compile=true", f"train.compile_mode={mode}"])
+    cfg = apply_overrides(get_recipe("tiny"), ["train.compile=true", f"train.compile_mode={mode}",
+                                               f"train.mix_order_reduction={str(mix).lower()}"])
     assert compile_for_training(model, cfg) == ("compiled", model) and calls == [kwargs]
     cfg.train.compile = False
     assert compile_for_training(model, cfg) is model and len(calls) == 1
@@ -204,3 +210,21 @@ def test_unknown_compile_mode_is_one_line_naming_it():
     with pytest.raises(ConfigError, match=r"^train.compile_mode='fast' is not one of default\|max-autotune") as e:
         apply_overrides(get_recipe("tiny"), ["train.compile_mode=fast"])
     assert "\n" not in str(e.value)
+
+
+# ---- reading a step's loss while the next one runs
+
+def test_loss_readback_on_cpu_reads_the_value_and_flags_non_finite():
+    issued = IssuedStep(step=3, train_tokens=300, lr_scale=0.5, loss=LossReadback(torch.tensor(2.5)))
+    assert issued.finite_loss() == (2.5, True)
+    assert IssuedStep(4, 400, 0.5, LossReadback(torch.tensor(float("nan")))).finite_loss()[1] is False
+
+
+@pytest.mark.gpu
+def test_loss_readback_waits_for_its_step_only():
+    loss = torch.full((), 1.25, device="cuda") * 2
+    readback = LossReadback(loss)
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued behind the loss
+    assert readback.value() == 2.5
+    assert not torch.cuda.current_stream().query()  # the later work is still running
+    torch.cuda.synchronize()

@@ -11,7 +11,6 @@ numbers all-reduced with MAX once a step, so every rank takes the same branch on
 
 import contextlib
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from pgolf.train.checkpoint import (
 )
 from pgolf.train.clock import PhaseTimer
 from pgolf.train.finish import evaluate_prequant, finish_run, new_record, run_code_bytes
+from pgolf.train.pipeline import IssuedStep, LossReadback
 from pgolf.train.progress import ProgressLine
 from pgolf.train.qat import qat_clip_k, qat_due, set_qat_from_config
 
@@ -93,11 +93,16 @@ def build_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
 
 def compile_for_training(model: torch.nn.Module, cfg: RunConfig):
     """The module the training steps call: torch.compile'd in train.compile_mode when train.compile, else the
-    model itself (the compiled module shares the model's parameters)."""
+    model itself (the compiled module shares the model's parameters). Inductor options go to this compile
+    only: the mode's own options, and triton.mix_order_reduction off unless train.mix_order_reduction."""
     if not cfg.train.compile:
         return model
-    mode = cfg.train.compile_mode
-    return torch.compile(model) if mode == "default" else torch.compile(model, mode=mode)
+    options = {}
+    if cfg.train.compile_mode != "default":
+        options.update(torch._inductor.list_mode_options(cfg.train.compile_mode))
+    if not cfg.train.mix_order_reduction:
+        options["triton.mix_order_reduction"] = False
+    return torch.compile(model, options=options) if options else torch.compile(model)
 
 
 def autocast_context(device: torch.device):
@@ -140,6 +145,8 @@ def train_step(step_model, opt, loader, cfg: RunConfig, device: torch.device) ->
     for _ in range(t.grad_accum):
         with FILE_AUDIT.phase("train"):
             x, y = loader.next_batch(t.batch_tokens, t.seq_len, t.grad_accum)
+        if device.type == "cuda":  # a copy from pageable memory would wait for the GPU's queue to drain
+            x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast_context(device):
             loss = step_model(x, y)
@@ -288,9 +295,32 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
         writer.write("event", step=state.step, what="resume", checkpoint=str(folder))
         progress.message(f"resumed from {folder} at step {state.step} ({state.elapsed_s:.1f}s trained)")
 
-    # --- the timed loop
+    # --- the timed loop: step k+1 is issued before step k's loss is read (pgolf.train.pipeline)
     budget = train_budget_s(cfg)
     val_cache: dict = {}
+    in_flight: IssuedStep | None = None
+
+    def observe(issued: IssuedStep, steps_ahead: int) -> str:
+        """Wait for `issued` to end, log it, and return why to stop ("" to go on): "nan", or "wallclock" when
+        steps_ahead more steps (the one in flight, then the next) would end past the budget."""
+        loss_value, finite = issued.finite_loss()
+        # one MAX all-reduce a step: [elapsed, non-finite loss]
+        elapsed, bad = all_reduce_max_many([timer.elapsed("train_loop"), 0.0 if finite else 1.0])
+        step_s = elapsed - state.elapsed_s  # from the all-reduced clock: every rank decides alike
+        state.elapsed_s, state.last_loss = elapsed, loss_value
+        if bad:
+            writer.write("event", step=issued.step, what="nan", loss=loss_value, time_s=elapsed)
+            progress.message(f"stopping: non-finite training loss ({loss_value}) at step {issued.step}")
+            return "nan"
+        if issued.step % max(t.log_every, 1) == 0 or issued.step == 1:
+            writer.write("train", step=issued.step, time_s=elapsed, loss=all_reduce_mean(loss_value),
+                         lr_scale=issued.lr_scale, tokens=issued.train_tokens,
+                         tok_s=issued.train_tokens / max(elapsed, 1e-9))
+        state.step_s_avg = step_s if state.step_s_avg == 0 else 0.9 * state.step_s_avg + 0.1 * step_s
+        time_left = budget - elapsed if budget > 0 else None
+        progress.update(issued.step, loss_value, t.batch_tokens / max(step_s, 1e-9), 1000.0 * step_s, time_left)
+        return "wallclock" if budget > 0 and elapsed + steps_ahead * state.step_s_avg > budget else ""
+
     timer.start("train_loop")
     while True:
         scale = lr_scale(state.step, state.elapsed_s, t)
@@ -307,7 +337,6 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
             writer.write("event", step=state.step, what="qat_on", time_s=state.elapsed_s, lr_scale=scale,
                          clip_k=state.qat_clip_k)
 
-        step_start = timer.elapsed("train_loop")
         loss = train_step(step_model, opt, loader, cfg, device)
         state.step += 1
         state.train_tokens += t.batch_tokens
@@ -315,44 +344,31 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
             ema.update(model)
         if swa is not None:
             swa.maybe_update(model, state.step, scale)
-
-        # one MAX all-reduce a step: [elapsed, non-finite loss]
-        timer.sync()
-        loss_value = float(loss.item())
-        elapsed, bad = all_reduce_max_many([timer.elapsed("train_loop"), 0.0 if math.isfinite(loss_value) else 1.0])
-        previous_elapsed = state.elapsed_s
-        state.elapsed_s, state.last_loss = elapsed, loss_value
-        step_ms = 1000.0 * (timer.elapsed("train_loop") - step_start)
-        if bad:
-            state.stop_reason = "nan"
-            writer.write("event", step=state.step, what="nan", loss=loss_value, time_s=elapsed)
-            progress.message(f"stopping: non-finite training loss ({loss_value}) at step {state.step}")
-            break
-        if state.step % max(t.log_every, 1) == 0 or state.step == 1:
-            mean_loss = all_reduce_mean(loss_value)
-            writer.write("train", step=state.step, time_s=elapsed, loss=mean_loss, lr_scale=scale,
-                         tokens=state.train_tokens, tok_s=state.train_tokens / max(elapsed, 1e-9))
-        time_left = budget - elapsed if budget > 0 else None
-        progress.update(state.step, loss_value, t.batch_tokens / max(step_ms / 1000.0, 1e-9), step_ms, time_left)
-
-        step_s = elapsed - previous_elapsed  # from the all-reduced clock: every rank decides alike
-        state.step_s_avg = step_s if state.step_s_avg == 0 else 0.9 * state.step_s_avg + 0.1 * step_s
-        if budget > 0 and elapsed + state.step_s_avg > budget:  # the next step would end past the budget
-            state.stop_reason = "wallclock"
-        elif state.step >= t.max_steps:
+        previous, in_flight = in_flight, IssuedStep(state.step, state.train_tokens, scale, LossReadback(loss))
+        if previous is not None:
+            state.stop_reason = observe(previous, steps_ahead=2)  # the step just issued, then the next one
+        if not state.stop_reason and state.step >= t.max_steps:
             state.stop_reason = "max_steps"
-        if t.val_every > 0 and state.step % t.val_every == 0 and not state.stop_reason:
+        val_due = t.val_every > 0 and state.step % t.val_every == 0 and not state.stop_reason
+        checkpoint_due = (t.checkpoint_every_s > 0 and not state.stop_reason
+                          and state.elapsed_s - state.last_checkpoint_s >= t.checkpoint_every_s)
+        if (state.stop_reason or val_due or checkpoint_due) and state.stop_reason != "nan":
+            found = observe(in_flight, steps_ahead=1)  # drained: nothing runs past state.step now
+            in_flight = None
+            if found == "nan" or not state.stop_reason:
+                state.stop_reason = found
+        if val_due and not state.stop_reason:
             with timer.paused("train_loop"):
                 res = evaluate_prequant(model, cfg, val_files, tokenizer_path, denv, val_cache)
-                writer.write("val", step=state.step, time_s=elapsed, val_loss=res["val_loss"],
+                writer.write("val", step=state.step, time_s=state.elapsed_s, val_loss=res["val_loss"],
                              val_bpb=res["val_bpb"])
                 progress.message(f"step {state.step}  val_loss {res['val_loss']:.4f}  val_bpb {res['val_bpb']:.4f}")
         if state.stop_reason:
             break
-        if t.checkpoint_every_s > 0 and elapsed - state.last_checkpoint_s >= t.checkpoint_every_s:
+        if checkpoint_due:
             with timer.paused("train_loop"):
                 checkpoint_now(run_dir, state, model, opt, loader, ema, swa, denv)
-            state.last_checkpoint_s = elapsed
+            state.last_checkpoint_s = state.elapsed_s
     timer.stop("train_loop")
     progress.end()
     writer.write("event", step=state.step, what="stop", reason=state.stop_reason, time_s=state.elapsed_s)
