@@ -141,8 +141,7 @@ def _mean_std(arm: dict, key: str, digits: int = 4) -> str:
     vals = _values(arm, key)
     if not vals:
         return "-"
-    mean = sum(vals) / len(vals)
-    return f"{mean:.{digits}f}" if len(vals) < 2 else f"{mean:.{digits}f} ± {sample_std(vals):.{digits}f}"
+    return _fmt(sum(vals) / len(vals), sample_std(vals) if len(vals) >= 2 else math.nan, digits)
 
 
 def _paired_values(arm: dict, base: dict, key: str) -> tuple[list[float], list[float]]:

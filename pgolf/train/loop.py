@@ -6,7 +6,8 @@ wallclock with the loop) -> averaged weights swapped in -> pre-quant validation 
 `finish_run` (quantize, evaluate, record.json).
 
 Every decision that must agree across ranks (LR scale, recurrence, QAT, stop, checkpoint, NaN) is taken from
-numbers all-reduced with MAX once a step, so every rank takes the same branch on the same step.
+numbers all-reduced with MAX once a step, so every rank takes the same branch on the same step. The loop runs
+one step ahead (pgolf.train.pipeline): those numbers are the last finished step's, read while the next runs.
 """
 
 import contextlib
