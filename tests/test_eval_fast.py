@@ -50,13 +50,16 @@ more_recompiles = torch._dynamo.config.patch(recompile_limit=64)
 MODELS = {"gpt": tiny_gpt, "toy": lambda: EvalToyModel(VOCAB), "forward-only": ForwardOnly}
 
 
-def run_method(method: str, model, scorer: str) -> dict:
+def run_method(method: str, model, scorer: str, compile_scope: str = "model") -> dict:
     lut, tokens = toy_lut(), toy_tokens(N_TOKENS)
     if method == "plain":
-        return evaluate_plain(model, tokens, lut, SEQ_LEN, BATCH, return_per_token=True, scorer=scorer)
+        return evaluate_plain(model, tokens, lut, SEQ_LEN, BATCH, return_per_token=True, scorer=scorer,
+                              compile_scope=compile_scope)
     if method == "sliding":
-        return evaluate_sliding(model, tokens, lut, SEQ_LEN, STRIDE, BATCH, return_per_token=True, scorer=scorer)
+        return evaluate_sliding(model, tokens, lut, SEQ_LEN, STRIDE, BATCH, return_per_token=True, scorer=scorer,
+                                compile_scope=compile_scope)
     cfg = ttt_cfg(ttt_mode="lora", ttt_lr=0.5) if method == "ttt-lora" else ttt_cfg()
+    cfg.compile_scope = compile_scope
     return evaluate_ttt(model, tokens, lut, cfg, SEQ_LEN, return_per_token=True, scorer=scorer)
 
 
@@ -97,6 +100,59 @@ def test_compiled_fast_path_equals_the_reference(method):
     if failed:  # StaticShapeCompile ran the eager function instead, which matched
         pytest.skip(f"torch.compile does not work on this machine: {failed[0]}")
     assert 0 < fast["compile_s"] < fast["seconds"]  # the compiles' first calls, a part of the whole
+
+
+@pytest.mark.slow
+@more_recompiles
+@pytest.mark.parametrize("method", ["sliding", "ttt"])
+def test_block_wise_compile_equals_the_reference(method, monkeypatch):
+    routed = []
+    monkeypatch.setattr(scoring, "call_block", lambda *args: routed.append(1) or args[0](*args[1:]))
+    ref = run_method(method, tiny_gpt(), "reference")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = run_method(method, tiny_gpt(), "compiled", compile_scope="blocks")
+    assert_same_scores(fast, ref, rel=1e-6, atol=1e-4)
+    failed = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
+    if failed:
+        pytest.skip(f"torch.compile does not work on this machine: {failed[0]}")
+    assert routed  # the blocks went through the compiled call (traced once per compile: its Python body runs then)
+
+
+@pytest.mark.slow
+def test_block_wise_compile_shares_one_graph_between_blocks_of_one_structure():
+    from pgolf.model.gpt import GPT
+    from pgolf.recipes import recipe_tiny
+
+    cfg = recipe_tiny().model
+    cfg.vocab_size, cfg.num_layers, cfg.xsa_last_n, cfg.ve_last_n, cfg.ln_scale = VOCAB, 4, 0, 0, True
+    model = GPT(cfg).eval()
+    x = toy_tokens(2 * SEQ_LEN + 1)[: 2 * SEQ_LEN].view(2, SEQ_LEN)
+    torch._dynamo.reset()
+    block_graphs = Counter()
+    real_compile = torch.compile
+
+    def counting_compile(fn, **kw):
+        def backend(gm, example_inputs):
+            block_graphs[fn.__name__] += 1
+            return gm.forward
+        return real_compile(fn, backend=backend, **kw)
+
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "compile", counting_compile)
+        compiled = StaticShapeCompile(scoring.split_tail_nll, {"s"}, "test", scope="blocks")
+        nll = compiled("s", model, x, x, 4)
+        expected = scoring.split_tail_nll(model, x, x, 4)
+    assert torch.allclose(nll, expected, atol=1e-5)
+    # layer 0 reads x0 as its x (an alias Dynamo guards on); layers 1-3 differ only in ln_factor, a tensor
+    assert block_graphs == {"call_block": 2}
+
+
+def test_an_unknown_compile_scope_is_an_error_naming_the_key():
+    with pytest.raises(UserError, match="eval.compile_scope='whole'"):
+        run_method("sliding", EvalToyModel(VOCAB), "eager", compile_scope="whole")
+    with pytest.raises(UserError, match="eval.compile_scope='whole'"):
+        run_method("ttt", EvalToyModel(VOCAB), "eager", compile_scope="whole")
 
 
 def test_batch_plan_keeps_the_stride_except_where_a_window_scores_more():

@@ -257,6 +257,39 @@ def test_bf16_residual_stream_stays_bf16_through_every_block():
     assert grads["tok_emb.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ln_scale_factor_is_the_python_float_product_bit_for_bit(dtype):
+    """Block.ln_factor is a tensor (so one compiled block serves every layer); the product must still be
+    exactly norm(x) * 1/sqrt(layer+1) as a Python float, the form the records and our old artifacts used."""
+    model = build(plain_cfg(ln_scale=True, num_layers=3))
+    x = torch.randn(2, 8, 32).to(dtype)
+    for layer, block in enumerate(model.blocks):
+        expected = block.norm(x) * (1.0 / (layer + 1) ** 0.5)
+        got = block.normed(x)
+        assert got.dtype == dtype and torch.equal(got, expected), layer
+    assert "blocks.0.ln_factor" not in model.state_dict()  # the config holds it; artifacts stay unchanged
+
+
+def test_routed_blocks_sends_every_virtual_layer_through_the_call_and_restores_it():
+    cfg = record_like_cfg()
+    model = perturb(build(cfg, recurrence=True))
+    x = tokens()
+    expected = model.logits(x)
+    seen = []
+
+    def call(block, *args):
+        seen.append(block)
+        return block(*args)
+
+    with model.routed_blocks(call):
+        torch.testing.assert_close(model.logits(x), expected, atol=0, rtol=0)
+    assert seen == [model.blocks[i] for i in virtual_layer_order(cfg, recurrence=True)]
+    assert model.block_call is None
+    with pytest.raises(RuntimeError, match="planted"), model.routed_blocks(call):
+        raise RuntimeError("planted")
+    assert model.block_call is None
+
+
 def test_residual_dtype_is_validated():
     from pgolf.config import ConfigError, apply_overrides
     from pgolf.recipes import get_recipe

@@ -57,7 +57,7 @@ def bench_sliding(model, cfg: RunConfig, tokens: torch.Tensor, denv: DistEnv) ->
 
     def run(stream):
         return evaluate_sliding(model, stream, lut, seq_len, e.sliding_stride, e.batch_seqs, denv.rank,
-                                denv.world_size)
+                                denv.world_size, compile_scope=e.compile_scope)
 
     run(tokens[: seq_len + e.sliding_stride * e.batch_seqs + 1])
     out = timed_throughput(lambda: run(tokens))

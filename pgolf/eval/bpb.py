@@ -15,7 +15,7 @@ import torch
 from pgolf.data.bytes import target_byte_counts
 from pgolf.dist import is_dist_active
 from pgolf.errors import UserError
-from pgolf.eval.scoring import WindowScorer, check_scorer, eval_autocast, model_device
+from pgolf.eval.scoring import WindowScorer, check_compile_scope, check_scorer, eval_autocast, model_device
 
 
 class BpbAccumulator:
@@ -127,12 +127,14 @@ def score_plain_reference(model, tokens: torch.Tensor, seq_len: int, batch_seqs:
 
 
 def evaluate_plain(model, val_tokens: torch.Tensor, lut, seq_len: int, batch_seqs: int, rank: int = 0,
-                   world_size: int = 1, return_per_token: bool = False, inspect=None, scorer: str = "auto") -> dict:
+                   world_size: int = 1, return_per_token: bool = False, inspect=None, scorer: str = "auto",
+                   compile_scope: str = "model") -> dict:
     """Non-overlapping seq_len windows, each with no earlier context; the last partial window is scored too.
 
     Windows are split across ranks; full windows run batch_seqs at a time, the last batch padded to a fixed
     shape. `inspect(model, x, y, nll, mask)`, if given, sees every scored batch (legality probes). `scorer`
-    picks the path (pgolf.eval.scoring: auto | compiled | eager | reference).
+    picks the path (pgolf.eval.scoring: auto | compiled | eager | reference), `compile_scope` what a compile
+    covers (model | blocks).
     """
     check_eval_inputs(val_tokens, seq_len, batch_seqs)
 
@@ -140,15 +142,17 @@ def evaluate_plain(model, val_tokens: torch.Tensor, lut, seq_len: int, batch_seq
         score_plain_reference(model, tokens, seq_len, batch_seqs, lo, hi, byte_cum, acc, per_token, inspect)
 
     return evaluate_windows(model, val_tokens, lut, plain_windows(val_tokens.numel(), seq_len), seq_len,
-                            batch_seqs, rank, world_size, return_per_token, inspect, scorer, reference)
+                            batch_seqs, rank, world_size, return_per_token, inspect, scorer, reference, compile_scope)
 
 
 def evaluate_windows(model, val_tokens: torch.Tensor, lut, windows, keep: int, batch_seqs: int, rank: int,
-                     world_size: int, return_per_token: bool, inspect, scorer: str, reference) -> dict:
+                     world_size: int, return_per_token: bool, inspect, scorer: str, reference,
+                     compile_scope: str = "model") -> dict:
     """The body shared by the plain and sliding evaluations: this rank's share of `windows` scored under
     inference mode by the fast path (each later window keeps its last `keep` positions) or, for scorer
     "reference", by `reference(tokens, lo, hi, byte_cum, acc, per_token)`; then reduced across ranks."""
     check_scorer(scorer)
+    check_compile_scope(compile_scope)
     t0 = time.perf_counter()
     tokens = val_tokens.cpu().long()
     lo, hi = rank_span(len(windows), rank, world_size)
@@ -163,7 +167,7 @@ def evaluate_windows(model, val_tokens: torch.Tensor, lut, windows, keep: int, b
             reference(tokens, lo, hi, byte_cum, acc, per_token)
         else:
             window_scorer = WindowScorer(model, tokens, [windows[lo:hi]], batch_seqs, keep, byte_cum, scorer,
-                                         per_token, inspect)
+                                         per_token, inspect, compile_scope)
             window_scorer.score_group(0, acc)
             compile_s = window_scorer.forward.first_call_s
     model.train(was_training)

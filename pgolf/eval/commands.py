@@ -105,10 +105,12 @@ def evaluate_configured(model, val_tokens, lut, cfg: RunConfig, rank: int = 0, w
     e = cfg.eval
     seq_len = e.seq_len or cfg.train.seq_len
     scorer = scorer_for(e)
-    out = {"plain": evaluate_plain(model, val_tokens, lut, seq_len, e.batch_seqs, rank, world_size, scorer=scorer)}
+    scope = e.compile_scope
+    out = {"plain": evaluate_plain(model, val_tokens, lut, seq_len, e.batch_seqs, rank, world_size, scorer=scorer,
+                                   compile_scope=scope)}
     if e.sliding_stride > 0:
         out["sliding"] = evaluate_sliding(model, val_tokens, lut, seq_len, e.sliding_stride, e.batch_seqs, rank,
-                                          world_size, scorer=scorer)
+                                          world_size, scorer=scorer, compile_scope=scope)
     if e.ttt:
         res = evaluate_ttt(model, val_tokens, lut, e, seq_len, rank, world_size)
         res.pop("trace")
@@ -210,10 +212,12 @@ def cmd_check(args) -> int:
     ttt_cfg = dataclasses.replace(e, ttt_chunk_tokens=max(seq_len, math.ceil(tokens.numel() / 4)),
                                   sliding_stride=stride, ttt_time_limit_s=0.0)
     scorer = scorer_for(e)  # the path the evaluations take (a short check stream stays below the compile count)
-    methods = {"plain": lambda m, t, lu, **kw: evaluate_plain(m, t, lu, seq_len, e.batch_seqs, scorer=scorer, **kw)}
+    scope = e.compile_scope
+    methods = {"plain": lambda m, t, lu, **kw: evaluate_plain(m, t, lu, seq_len, e.batch_seqs, scorer=scorer,
+                                                              compile_scope=scope, **kw)}
     if e.sliding_stride > 0:
         methods["sliding"] = lambda m, t, lu, **kw: evaluate_sliding(m, t, lu, seq_len, stride, e.batch_seqs,
-                                                                     scorer=scorer, **kw)
+                                                                     scorer=scorer, compile_scope=scope, **kw)
     if e.ttt:
         methods["ttt"] = lambda m, t, lu, **kw: evaluate_ttt(m, t, lu, ttt_cfg, seq_len, **kw)
     if args.method != "all":

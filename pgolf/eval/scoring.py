@@ -36,9 +36,11 @@ from pgolf.dist import cuda_sync
 from pgolf.errors import UserError
 
 SCORER_MODES = ("auto", "compiled", "eager", "reference")
-# A compile of the record model's scoring forward costs tens of seconds; compiled, a batch of 32 windows of
-# 2048 tokens takes tens of milliseconds less than eagerly: a shape needs a few hundred batches to repay it.
-SCORE_COMPILE_MIN_BATCHES = 256
+COMPILE_SCOPES = ("model", "blocks")
+# On one H100 (docs/benchmarks.md) a cold compile of the record model's scoring forward took 39 s, and a
+# batch of 32 windows of 2048 tokens then took 17.4 ms instead of 57.9 ms eagerly: ~1,000 batches repay it
+# (a sliding pass over the 3.23 M wiki-sp1024 val tokens has 1,577).
+SCORE_COMPILE_MIN_BATCHES = 1024
 
 
 def model_device(model) -> torch.device:
@@ -61,6 +63,36 @@ def check_scorer(scorer: str) -> str:
     if scorer not in SCORER_MODES:
         raise UserError(f"scorer={scorer!r} is not one of {'|'.join(SCORER_MODES)}")
     return scorer
+
+
+def check_compile_scope(scope: str) -> str:
+    if scope not in COMPILE_SCOPES:
+        raise UserError(f"eval.compile_scope={scope!r} is not one of {'|'.join(COMPILE_SCOPES)}")
+    return scope
+
+
+def call_block(block, x, x0, cos, sin, ve):
+    """One transformer block: the function the "blocks" scope compiles (GPT.routed_blocks)."""
+    return block(x, x0, cos, sin, ve)
+
+
+def compile_blocks_only(fn):
+    """fn(model, *args) eagerly, but with each of the model's blocks through one compiled call_block.
+
+    Blocks of the same structure (XSA or not, a value embedding or not) share one compiled graph, since
+    their per-layer constants are tensors (GPT.Block.ln_factor): a model of 11 layers compiles 3 small
+    graphs instead of one large one, a fraction of the compile time, and the embedding, skips and head run
+    eagerly. A model without GPT.routed_blocks is compiled whole."""
+    whole = torch.compile(fn, dynamic=False)
+    block_call = torch.compile(call_block, dynamic=False)
+
+    def run(model, *args):
+        if not callable(getattr(model, "routed_blocks", None)):
+            return whole(model, *args)
+        with model.routed_blocks(block_call):
+            return fn(model, *args)
+
+    return run
 
 
 def compile_min_count(scorer: str, device: torch.device, auto_min: int) -> int | None:
@@ -95,14 +127,20 @@ class StaticShapeCompile:
     signature runs fn eagerly. If a compiled call fails, a warning says why and fn runs eagerly from then on
     (the eager function is the reference; an error of its own still raises).
 
-    `first_call_s` sums the wall seconds of each compiled signature's first call, the GPU synchronised around
-    it: the compile of its forward (a backward, compiled at its first backward pass, is not in it) plus one
-    call's work. An evaluation reports it, so that its time splits into compiling and scoring."""
+    `scope` "model" compiles fn whole (fn(model, ...) taking the model first), "blocks" only the model's
+    blocks (compile_blocks_only). `first_call_s` sums the wall seconds of each compiled signature's first
+    call, the GPU synchronised around it: the compile of its forward (a backward, compiled at its first
+    backward pass, is not in it) plus one call's work. An evaluation reports it, so that its time splits
+    into compiling and scoring."""
 
-    def __init__(self, fn, signatures, name: str):
+    def __init__(self, fn, signatures, name: str, scope: str = "model"):
         self.fn, self.name = fn, name
         self.signatures = set(signatures)
-        self.compiled = torch.compile(fn, dynamic=False) if self.signatures else None
+        self.compiled = None
+        if self.signatures and check_compile_scope(scope) == "blocks":
+            self.compiled = compile_blocks_only(fn)
+        elif self.signatures:
+            self.compiled = torch.compile(fn, dynamic=False)
         self.first_call_s = 0.0
         self._called = set()
 
@@ -158,10 +196,12 @@ class WindowScorer:
 
     `groups` is a list of window lists, scored one group per `score_group` call (TTT scores one chunk at a
     time, adapting the model in between); tokens is the whole stream (CPU or device) and byte_cum its
-    pgolf.eval.bpb.stream_byte_cumsum. per_token and inspect are those of the reference path."""
+    pgolf.eval.bpb.stream_byte_cumsum. per_token and inspect are those of the reference path; compile_scope
+    is StaticShapeCompile's scope."""
 
     def __init__(self, model, tokens: torch.Tensor, groups: list, batch_seqs: int, keep: int,
-                 byte_cum: torch.Tensor, scorer: str = "auto", per_token=None, inspect=None):
+                 byte_cum: torch.Tensor, scorer: str = "auto", per_token=None, inspect=None,
+                 compile_scope: str = "model"):
         device = model_device(model)
         self.model, self.per_token, self.inspect = model, per_token, inspect
         self.tokens = tokens.to(device)
@@ -180,7 +220,7 @@ class WindowScorer:
         shapes = Counter((b.length, b.keep) for bs in self.batches for b in bs)
         compiled = {s for s, n in shapes.items() if min_count is not None and n >= min_count}
         fn = split_tail_nll if has_head_split(model) else full_tail_nll
-        self.forward = StaticShapeCompile(fn, compiled, "scoring forward")
+        self.forward = StaticShapeCompile(fn, compiled, "scoring forward", compile_scope)
 
     def score_group(self, g: int, acc) -> None:
         """Score group g's windows in order and add their NLL sum, tokens and bytes to acc."""

@@ -62,9 +62,9 @@ def score_windows(model, tokens: torch.Tensor, windows, batch_seqs: int, byte_cu
 
 def evaluate_sliding(model, val_tokens: torch.Tensor, lut, seq_len: int, stride: int, batch_seqs: int,
                      rank: int = 0, world_size: int = 1, return_per_token: bool = False, inspect=None,
-                     scorer: str = "auto") -> dict:
+                     scorer: str = "auto", compile_scope: str = "model") -> dict:
     """Sliding-window val loss and bpb; windows split across ranks, under inference mode. `scorer` picks the
-    path (pgolf.eval.scoring: auto | compiled | eager | reference)."""
+    path (pgolf.eval.scoring: auto | compiled | eager | reference), `compile_scope` what a compile covers."""
     check_eval_inputs(val_tokens, seq_len, batch_seqs)
     windows = sliding_windows(val_tokens.numel(), seq_len, stride)
 
@@ -72,6 +72,6 @@ def evaluate_sliding(model, val_tokens: torch.Tensor, lut, seq_len: int, stride:
         score_windows(model, tokens, windows[lo:hi], batch_seqs, byte_cum, acc, per_token, inspect)
 
     out = evaluate_windows(model, val_tokens, lut, windows, stride, batch_seqs, rank, world_size,
-                           return_per_token, inspect, scorer, reference)
+                           return_per_token, inspect, scorer, reference, compile_scope)
     out["windows"] = len(windows)
     return out

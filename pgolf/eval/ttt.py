@@ -28,6 +28,7 @@ from pgolf.eval.bpb import BpbAccumulator, PerTokenScores, check_eval_inputs, ra
 from pgolf.eval.scoring import (
     StaticShapeCompile,
     WindowScorer,
+    check_compile_scope,
     check_scorer,
     compile_min_count,
     eval_autocast,
@@ -37,10 +38,10 @@ from pgolf.eval.scoring import (
 from pgolf.eval.sliding import score_windows, sliding_windows
 from pgolf.train.clock import PhaseTimer
 
-# Compiling the record model's forward and backward costs tens of seconds (less with a warm inductor cache);
-# compiled, a step of 15 x 2048 tokens takes tens of milliseconds less than eagerly: a step shape needs a few
-# hundred steps to repay it (the default 3 epochs over the 98 adapted chunks of wiki-sp1024 make 294).
-TTT_COMPILE_MIN_STEPS = 256
+# On one H100 (docs/benchmarks.md) a cold compile of the record model's forward and backward took 57 s, and a
+# step of 16 x 2048 tokens then took 33 ms instead of 89 ms eagerly: ~1,000 steps repay it. The default 3
+# epochs over the 98 adapted chunks of wiki-sp1024 make 294 (eager); FineWeb's 1,892 make 5,676 (compiled).
+TTT_COMPILE_MIN_STEPS = 1024
 
 
 class TttLoraAdapter(nn.Module):
@@ -182,7 +183,7 @@ def ttt_step_compile(cfg, seq_len: int, n_chunks: int, scorer: str, device, rank
     min_count = compile_min_count(scorer, device, TTT_COMPILE_MIN_STEPS)
     shapes = ttt_step_shape_counts(cfg, seq_len, n_chunks, rank, world_size)
     compiled = {s for s, k in shapes.items() if min_count is not None and k >= min_count}
-    return StaticShapeCompile(ttt_step_nll_sum, compiled, "TTT step")
+    return StaticShapeCompile(ttt_step_nll_sum, compiled, "TTT step", cfg.compile_scope)
 
 
 def ttt_chunk_scorer(work, tokens, parts: list, cfg, stride: int, byte_cum, scorer: str, per_token, inspect):
@@ -191,7 +192,8 @@ def ttt_chunk_scorer(work, tokens, parts: list, cfg, stride: int, byte_cum, scor
     if scorer == "reference":
         return (lambda c, acc: score_windows(work, tokens, parts[c], cfg.batch_seqs, byte_cum, acc, per_token,
                                              inspect)), None
-    window_scorer = WindowScorer(work, tokens, parts, cfg.batch_seqs, stride, byte_cum, scorer, per_token, inspect)
+    window_scorer = WindowScorer(work, tokens, parts, cfg.batch_seqs, stride, byte_cum, scorer, per_token, inspect,
+                                 cfg.compile_scope)
     return window_scorer.score_group, window_scorer.forward
 
 
@@ -213,6 +215,7 @@ def evaluate_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, rank: 
     if cfg.ttt_chunk_tokens < 1:
         raise UserError(f"eval.ttt_chunk_tokens={cfg.ttt_chunk_tokens} must be at least 1")
     scorer = check_scorer(scorer or scorer_for(cfg))
+    check_compile_scope(cfg.compile_scope)
     t0 = time.perf_counter()
     tokens = val_tokens.cpu().long()
     n = tokens.numel()

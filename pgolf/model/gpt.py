@@ -8,6 +8,7 @@ weights is that of the longest sequence (recurrence on); with recurrence off the
 A looped block keeps its physical ln_scale factor, XSA and value-embedding setting.
 """
 
+import contextlib
 import math
 
 import torch
@@ -58,12 +59,17 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
-        self.ln_factor = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        # a tensor, not a Python float: a compiled block then takes it as an input, so that one compile serves
+        # every layer (pgolf.eval.scoring's block-wise compile); not saved, the config holds it
+        factor = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        self.register_buffer("ln_factor", torch.tensor(factor), persistent=False)
         self.parallel = 0 <= cfg.parallel_resid_from <= layer
 
     def normed(self, x: torch.Tensor) -> torch.Tensor:
+        # the product in float32, rounded once to the stream's dtype: what a Python float factor does, on
+        # every device (a CUDA kernel would otherwise round the factor to bf16 first)
         n = self.norm(x)
-        return n * self.ln_factor if self.ln_factor != 1.0 else n
+        return (n.float() * self.ln_factor.float()).to(n.dtype)
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ve: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,6 +109,7 @@ class GPT(nn.Module):
         self.rotary = Rotary(head_dim, cfg.rope_dims, cfg.rope_base)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.recurrence_active = False
+        self.block_call = None  # see routed_blocks
         self.residual_dtype = getattr(torch, cfg.residual_dtype)
         num_skips = len(virtual_layer_order(cfg, recurrence=True)) // 2 if cfg.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(num_skips, dim)) if num_skips else None
@@ -160,6 +167,16 @@ class GPT(nn.Module):
             if isinstance(module, CastedLinear):
                 module.configure_qat(active, bits, clip_k)
 
+    @contextlib.contextmanager
+    def routed_blocks(self, block_call):
+        """Inside the context every block runs as block_call(block, x, x0, cos, sin, ve) (pgolf.eval.scoring
+        passes one compiled function, shared by all blocks of the same structure)."""
+        previous, self.block_call = self.block_call, block_call
+        try:
+            yield
+        finally:
+            self.block_call = previous
+
     def embed_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
         """x0, the input of the first block: embedding (+ bigram) in model.residual_dtype, RMSNorm, SmearGate.
 
@@ -193,7 +210,11 @@ class GPT(nn.Module):
             layer_ve = None
             if ve is not None and layer >= self.ve_first_layer:
                 layer_ve = ve * self.ve_layer_scales[layer - self.ve_first_layer].to(ve.dtype)
-            x = self.blocks[layer](x, x0, cos, sin, layer_ve)
+            block = self.blocks[layer]
+            if self.block_call is None:
+                x = block(x, x0, cos, sin, layer_ve)
+            else:
+                x = self.block_call(block, x, x0, cos, sin, layer_ve)
             if position < num_encoder:
                 skips.append(x)
         return x

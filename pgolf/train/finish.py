@@ -89,7 +89,7 @@ def evaluate_prequant(model, cfg: RunConfig, val_files, tokenizer_path, denv, ca
     tokens, lut = load_val_data(cfg, val_files, tokenizer_path, cache)
     with FILE_AUDIT.phase("eval"):
         return evaluate_plain(model, tokens, lut, eval_seq_len(cfg), cfg.eval.batch_seqs, denv.rank,
-                              denv.world_size, scorer=scorer_for(cfg.eval))
+                              denv.world_size, scorer=scorer_for(cfg.eval), compile_scope=cfg.eval.compile_scope)
 
 
 def timed(timer: PhaseTimer, name: str, fn, *args, **kwargs):
@@ -163,7 +163,8 @@ def finish_run(cfg: RunConfig, model, hessians: dict, run_dir, env: dict, timer:
         tokens, lut = load_val_data(cfg, val_files, tokenizer_path, val_cache)
         with timer.phase("eval_sliding"), FILE_AUDIT.phase("eval"):
             res = evaluate_sliding(eval_model, tokens, lut, eval_seq_len(cfg), cfg.eval.sliding_stride,
-                                   cfg.eval.batch_seqs, denv.rank, denv.world_size, scorer=scorer_for(cfg.eval))
+                                   cfg.eval.batch_seqs, denv.rank, denv.world_size, scorer=scorer_for(cfg.eval),
+                                   compile_scope=cfg.eval.compile_scope)
         metrics["sliding_loss"], metrics["sliding_bpb"] = res["val_loss"], res["val_bpb"]
     if final_eval and cfg.eval.ttt and module_exists("pgolf.eval.ttt"):
         from pgolf.eval.ttt import evaluate_ttt
