@@ -272,3 +272,12 @@ def test_legality_checks_pass_and_catch_a_peeking_model_on_the_compiled_path():
         assert all(r.passed for r in res.values()), {k: r.detail for k, r in res.items()}
     peek = legal.checks(sliding, model_fn=lambda: legal.PeekingModel(legal.VOCAB, dim=16, seed=3))
     assert not peek["causality"].passed and "prefix alone" in peek["causality"].detail
+
+
+def test_the_compiler_is_loaded_in_setup_only_when_the_scorer_compiles(monkeypatch):
+    created = []
+    monkeypatch.setattr(scoring.torch, "compile", lambda fn, **kw: created.append(fn) or fn)
+    assert scoring.load_compiler("eager", torch.device("cuda")) == 0.0
+    assert scoring.load_compiler("auto", torch.device("cpu")) == 0.0 and created == []
+    assert scoring.load_compiler("auto", torch.device("cuda")) >= 0.0 and len(created) == 1
+    assert scoring.load_compiler("compiled", torch.device("cpu")) >= 0.0 and len(created) == 2

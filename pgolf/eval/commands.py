@@ -147,15 +147,21 @@ def cmd_eval(args) -> int:
 
 
 def eval_and_report(args, artifact: Path, cfg: RunConfig, denv) -> int:
+    from pgolf.eval.scoring import load_compiler, scorer_for
+
     tokens, lut = eval_load_data(cfg, args.max_tokens or cfg.eval.val_tokens)
     model = eval_load_model(artifact, cfg, denv.device)
+    compiler_import_s = load_compiler(scorer_for(cfg.eval), denv.device)
     t0 = time.perf_counter()
     results = evaluate_configured(model, tokens, lut, cfg, denv.rank, denv.world_size)
     if not denv.is_main:
         return 0
     print(format_eval_table(results))
+    if compiler_import_s:
+        print(f"setup: compiler imported in {compiler_import_s:.1f} s before the passes (a training process "
+              f"has it imported before its evaluation)")
     report = {"artifact": str(artifact), "config_hash": config_hash(cfg), "val_tokens": int(tokens.numel()),
-              "world_size": denv.world_size, "results": results,
+              "world_size": denv.world_size, "results": results, "setup_compiler_import_s": compiler_import_s,
               "timings": {f"eval_{k}_s": v["seconds"] for k, v in results.items()},
               "seconds": time.perf_counter() - t0}
     out = Path(args.out) if args.out else artifact.parent / "eval.json"

@@ -104,6 +104,19 @@ def compile_min_count(scorer: str, device: torch.device, auto_min: int) -> int |
     return None
 
 
+def load_compiler(scorer: str, device: torch.device) -> float:
+    """Import Dynamo and Inductor now when this scorer compiles on this device; the seconds it took.
+
+    A process's first torch.compile wrapper imports them: about 10 s on the device machine (docs/benchmarks.md).
+    A training process has paid that before its evaluation; `pgolf eval` pays it in its setup, beside loading
+    the artifact, and reports it there, so that its passes are timed as they run after training."""
+    if compile_min_count(scorer, device, 1) is None:
+        return 0.0
+    t0 = time.perf_counter()
+    torch.compile(load_compiler)  # creating the wrapper loads the compiler stack; nothing is compiled
+    return time.perf_counter() - t0
+
+
 def has_head_split(model) -> bool:
     return callable(getattr(model, "forward_hidden", None)) and callable(getattr(model, "head_logits", None))
 
