@@ -255,6 +255,8 @@ def config_hash(cfg: RunConfig) -> str:
 # torch.compile's modes: "max-autotune*" tune GEMM / Triton templates (and may fuse epilogues) at a longer
 # compile; "reduce-overhead" and "max-autotune" also capture CUDA graphs.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+# What an evaluation's torch.compile covers (pgolf.eval.scoring): the whole scoring function, or the blocks only.
+EVAL_COMPILE_SCOPES = ("model", "blocks")
 
 
 def validate_config(cfg: RunConfig) -> None:
@@ -287,6 +289,8 @@ def validate_config(cfg: RunConfig) -> None:
         (0 <= q.fit_margin < 0.1, f"quant.fit_margin={q.fit_margin} must be in [0, 0.1)"),
         (not q.fit_k or q.clip == "sdclip", "quant.fit_k needs quant.clip=sdclip"),
         (e.ttt_mode in ("sgd", "lora"), f"eval.ttt_mode={e.ttt_mode!r} is not sgd|lora"),
+        (e.compile_scope in EVAL_COMPILE_SCOPES,
+         f"eval.compile_scope={e.compile_scope!r} is not one of {'|'.join(EVAL_COMPILE_SCOPES)}"),
         (e.val_tokens == 0 or e.val_tokens >= 2,
          f"eval.val_tokens={e.val_tokens} must be 0 (the whole validation split) or at least 2"),
     ]

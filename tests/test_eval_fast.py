@@ -149,6 +149,11 @@ def test_block_wise_compile_shares_one_graph_between_blocks_of_one_structure():
 
 
 def test_an_unknown_compile_scope_is_an_error_naming_the_key():
+    from pgolf.config import ConfigError, apply_overrides
+    from pgolf.recipes import get_recipe
+
+    with pytest.raises(ConfigError, match="eval.compile_scope='whole' is not one of model|blocks"):
+        apply_overrides(get_recipe("tiny"), ["eval.compile_scope=whole"])  # before any training or loading
     with pytest.raises(UserError, match="eval.compile_scope='whole'"):
         run_method("sliding", EvalToyModel(VOCAB), "eager", compile_scope="whole")
     with pytest.raises(UserError, match="eval.compile_scope='whole'"):

@@ -159,7 +159,7 @@ def eval_and_report(args, artifact: Path, cfg: RunConfig, denv) -> int:
     print(format_eval_table(results))
     if compiler_import_s:
         print(f"setup: compiler imported in {compiler_import_s:.1f} s before the passes (a training process "
-              f"has it imported before its evaluation)")
+              "has it imported before its evaluation)")
     report = {"artifact": str(artifact), "config_hash": config_hash(cfg), "val_tokens": int(tokens.numel()),
               "world_size": denv.world_size, "results": results, "setup_compiler_import_s": compiler_import_s,
               "timings": {f"eval_{k}_s": v["seconds"] for k, v in results.items()},

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pgolf.config import EVAL_COMPILE_SCOPES
 from pgolf.dist import cuda_sync
 from pgolf.errors import UserError
 
 SCORER_MODES = ("auto", "compiled", "eager", "reference")
-COMPILE_SCOPES = ("model", "blocks")
 # On one H100 (docs/benchmarks.md) a cold compile of the record model's scoring forward took 39 s, and a
 # batch of 32 windows of 2048 tokens then took 17.4 ms instead of 57.9 ms eagerly: ~1,000 batches repay it
 # (a sliding pass over the 3.23 M wiki-sp1024 val tokens has 1,577).
@@ -66,8 +66,9 @@ def check_scorer(scorer: str) -> str:
 
 
 def check_compile_scope(scope: str) -> str:
-    if scope not in COMPILE_SCOPES:
-        raise UserError(f"eval.compile_scope={scope!r} is not one of {'|'.join(COMPILE_SCOPES)}")
+    """For callers that pass a scope without a validated config (validate_config checks eval.compile_scope)."""
+    if scope not in EVAL_COMPILE_SCOPES:
+        raise UserError(f"eval.compile_scope={scope!r} is not one of {'|'.join(EVAL_COMPILE_SCOPES)}")
     return scope
 
 
@@ -150,10 +151,9 @@ class StaticShapeCompile:
         self.fn, self.name = fn, name
         self.signatures = set(signatures)
         self.compiled = None
-        if self.signatures and check_compile_scope(scope) == "blocks":
-            self.compiled = compile_blocks_only(fn)
-        elif self.signatures:
-            self.compiled = torch.compile(fn, dynamic=False)
+        if self.signatures:
+            whole = check_compile_scope(scope) == "model"
+            self.compiled = torch.compile(fn, dynamic=False) if whole else compile_blocks_only(fn)
         self.first_call_s = 0.0
         self._called = set()
 
