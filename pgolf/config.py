@@ -136,6 +136,7 @@ class EvalConfig:
     val_tokens: int = 0  # score only the first N validation tokens (every pass, TTT too); 0 = the whole split
     compile: bool = True  # torch.compile the scoring forward (and TTT's step) on CUDA; pgolf.eval.scoring
     compile_scope: str = "model"  # model (one graph) | blocks (the blocks only, one graph per block structure)
+    precompile: bool = False  # compile the passes' graphs before them, on random tokens (pgolf.eval.warmup)
     sliding_stride: int = 64  # 0 = no sliding-window pass
     ttt: bool = False  # score-first test-time training
     ttt_mode: str = "sgd"  # sgd (all weights) | lora

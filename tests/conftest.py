@@ -1,5 +1,6 @@
 """Shared fixtures: paths to ../shared, tiny configs, a seeded RNG."""
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,34 @@ def tiny_cfg():
     from pgolf.recipes import recipe_tiny
 
     return recipe_tiny()
+
+
+@pytest.fixture(autouse=True)
+def fresh_shared_compiles():
+    """Each test starts with no compiled callable kept from an earlier one (pgolf.eval.scoring.shared_compile):
+    a test that patches torch.compile gets wrappers made through its patch."""
+    from pgolf.eval.scoring import reset_shared_compiles
+
+    reset_shared_compiles()
+    yield
+
+
+@pytest.fixture
+def compiled_graphs(monkeypatch):
+    """torch.compile through a backend that counts the graphs of each compiled function (by name) and runs
+    them as traced (no Inductor: fast on a CPU); Dynamo's caches are emptied before and after."""
+    import torch
+
+    counts = Counter()
+    real_compile = torch.compile
+
+    def counting_compile(fn, **kw):
+        def backend(gm, example_inputs):
+            counts[fn.__name__] += 1
+            return gm.forward
+        return real_compile(fn, backend=backend, **kw)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    yield counts
+    torch._dynamo.reset()

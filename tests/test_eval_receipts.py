@@ -42,3 +42,9 @@ def test_timing_receipt_lists_phases_and_budget_totals():
     text = format_timing_receipt({**TIMINGS, "eval_ttt_s": None})
     assert "train_loop_s" in text and "eval_ttt_s" not in text
     assert "598.00 s" in text and "110.00 s" in text
+
+
+def test_the_evaluations_compile_warm_up_is_untimed_like_the_training_steps():
+    """eval.precompile's graphs are compiled before training, on random tokens: in neither budget."""
+    s = compliance_summary({**TIMINGS, "compile_warmup_eval_s": 75.0}, 15_900_000, LEGAL)
+    assert s["eval_s"] == 520.0 and s["train_plus_calibration_s"] == 598.0

@@ -208,6 +208,60 @@ def test_reference_attention_agrees_with_the_fast_path_on_cpu(heads, kv_heads):
     assert not torch.allclose(ref[:, 1:], reference_attention(q, k, v.flip(1))[:, 1:])
 
 
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_attention_with_fewer_queries_than_keys_reads_them_as_the_last_positions(kv_heads):
+    """The last block of a scoring forward (forward_hidden's keep): q holds the last tq of the tk positions;
+    each reads the keys up to its own position (bottom-right causal), the same rows as a full attention's."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 17, 4, 16, generator=gen)
+    k = torch.randn(2, 17, kv_heads, 16, generator=gen)
+    v = torch.randn(2, 17, kv_heads, 16, generator=gen)
+    full = reference_attention(q, k, v)
+    model = build(plain_cfg(attention="auto"))
+    for tq in (1, 5, 16):
+        expected = full[:, 17 - tq:]
+        torch.testing.assert_close(reference_attention(q[:, 17 - tq:], k, v), expected, atol=1e-6, rtol=1e-6)
+        fast = sdpa_attention(q[:, 17 - tq:], k, v, SDPA_BACKENDS["math"])
+        torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.blocks[0].attn.attend(q[:, 17 - tq:], k, v), expected, atol=1e-5,
+                                   rtol=1e-5)
+    # the first of 5 queries sits at position 12: it must not see keys 13..16
+    assert not torch.allclose(full[:, 12:13], reference_attention(q[:, 12:13], k[:, :12], v[:, :12]))
+
+
+@pytest.mark.parametrize("recurrence", [False, True])
+@pytest.mark.parametrize("keep", [1, 5, 15, 16, 40])
+def test_forward_hidden_with_keep_equals_the_full_forwards_last_positions(keep, recurrence):
+    """keep cuts the last block to the positions kept (XSA, value embeddings, skips, parallel residuals and
+    recurrence on in this config); the result is the full forward's, also through routed blocks."""
+    model = perturb(build(record_like_cfg(), recurrence=recurrence)).eval()
+    x = tokens()  # (2, 24)
+    full = model.forward_hidden(x)
+    want = full[:, max(0, x.size(1) - keep):]
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_hidden(x, keep), want, atol=2e-5, rtol=2e-5)
+        with model.routed_blocks(lambda block, *args: block(*args)):
+            torch.testing.assert_close(model.forward_hidden(x, keep), want, atol=2e-5, rtol=2e-5)
+    if keep < x.size(1):
+        assert model.forward_hidden(x, keep).shape == (2, keep, model.cfg.model_dim)
+    with pytest.raises(ValueError, match="keep=0"):
+        model.forward_hidden(x, 0)
+
+
+def test_block_with_keep_skips_the_work_of_the_positions_it_drops():
+    """Not a copy of the full block cut afterwards: its MLP sees only the kept rows."""
+    model = build(plain_cfg()).eval()
+    block, x = model.blocks[-1], torch.randn(2, 16, 32)
+    cos, sin = model.rotary.cos_sin(16, x.device)
+    rows = []
+    hook = block.mlp.fc.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[1]))
+    try:
+        block(x, x, cos, sin, None, 3)
+    finally:
+        hook.remove()
+    assert rows == [3]
+
+
 @pytest.mark.parametrize("native_gqa", [False, True])
 def test_native_gqa_hands_sdpa_the_unexpanded_kv(monkeypatch, native_gqa):
     """With a cuDNN-first list, K/V reach SDPA expanded to the query heads unless model.native_gqa."""
@@ -383,6 +437,19 @@ def test_cuda_fast_attention_agrees_with_reference_in_bf16(attention, native_gqa
     v = torch.randn(2, 256, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
     model = build(plain_cfg(model_dim=512, num_heads=8, num_kv_heads=4, attention=attention,
                             native_gqa=native_gqa)).cuda()
+    out = model.blocks[0].attn.attend(q, k, v)
+    torch.testing.assert_close(out.float(), reference_attention(q, k, v).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["auto", "cudnn", "efficient", "flash"])
+def test_cuda_attention_of_the_last_positions_agrees_with_reference_in_bf16(attention):
+    """The kept queries of a scoring forward's last block (64 of 2,048, as sliding s64) on each backend."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(4, 64, 8, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(4, 2048, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(4, 2048, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    model = build(plain_cfg(model_dim=512, num_heads=8, num_kv_heads=4, attention=attention)).cuda()
     out = model.blocks[0].attn.attend(q, k, v)
     torch.testing.assert_close(out.float(), reference_attention(q, k, v).float(), atol=2e-2, rtol=2e-2)
 

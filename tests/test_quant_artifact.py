@@ -127,6 +127,16 @@ def test_damaged_artifact_gives_one_line_error(tmp_path):
             read_artifact(bad)
 
 
+def test_an_intact_artifact_whose_codec_is_not_installed_says_which_package_not_damaged(tmp_path, monkeypatch):
+    _, _, _, qm = quantized_tiny()
+    path = tmp_path / "m.pgq"
+    write_artifact(qm, path, codecs=("brotli11",))
+    monkeypatch.setitem(sys.modules, "brotli", None)  # `import brotli` now fails, as where it is not installed
+    with pytest.raises(UserError) as e:
+        read_artifact(path)
+    assert str(path) in str(e.value) and "brotli package" in str(e.value) and "damaged" not in str(e.value)
+
+
 def test_export_fits_to_budget(tmp_path):
     model, hs, _, _ = quantized_tiny()
     code = 1000

@@ -91,6 +91,50 @@ def test_warmup_does_not_leak_into_the_run(wiki_data, tmp_path):
     assert warm["timings"]["compile_warmup_s"] > 0 and plain["timings"]["compile_warmup_s"] is None
 
 
+@pytest.mark.parametrize("final_eval,scope", [(True, "model"), (True, "blocks"), (False, "model")])
+def test_eval_precompile_in_the_warm_up_leaves_the_run_s_evaluations_nothing_to_compile(wiki_data, tmp_path,
+                                                                                         monkeypatch, final_eval,
+                                                                                         scope, compiled_graphs):
+    """The GPU path simulated on the CPU: the "auto" scorer compiles here as on CUDA (a signature from 10**9
+    calls, or once warm), through a backend that counts graphs. The warm-up runs before any file is opened;
+    afterwards the pre-quant, round-trip, sliding and TTT passes (on other model objects) compile nothing."""
+    import pgolf.eval.scoring as scoring
+    import pgolf.eval.ttt as ttt
+    import pgolf.eval.warmup as warmup
+    from pgolf.data.shards import FILE_AUDIT
+
+    def compile_min_count(scorer, device, auto_min):
+        return {"compiled": 1, "auto": 10**9}.get(scorer)
+
+    for module in (scoring, ttt, warmup):
+        monkeypatch.setattr(module, "compile_min_count", compile_min_count)
+    graphs = compiled_graphs
+    calls, real_warm_up = [], warmup.warm_eval_compiles
+
+    def recording_warm_up(*args, **kwargs):
+        out = real_warm_up(*args, **kwargs)
+        calls.append({"opened": list(FILE_AUDIT.opened()), "plan": out, "graphs": dict(graphs)})
+        return out
+
+    monkeypatch.setattr(warmup, "warm_eval_compiles", recording_warm_up)
+    FILE_AUDIT.clear()
+    cfg = small_cfg(wiki_data, tmp_path, "precompile", max_steps=3)
+    cfg.train.compile = False  # the training step eager: every graph counted is the evaluation's
+    cfg.quant.enabled, cfg.quant.calib_batches = True, 2
+    cfg.eval.precompile, cfg.eval.sliding_stride, cfg.eval.ttt = True, 16, True
+    cfg.eval.ttt_chunk_tokens, cfg.eval.ttt_epochs, cfg.eval.compile_scope = 256, 1, scope
+    record = train_run(cfg, final_eval=final_eval)
+    assert len(calls) == 1 and calls[0]["opened"] == []
+    plan = calls[0]["plan"]
+    if final_eval:  # whole and sliding windows; TTT's chunks of 256 targets: 3 sequences of 64 a step
+        assert plan["scoring"] == [(64, 16), (64, 64)] and plan["ttt_step"] == [(3, 64)]
+        assert record["metrics"]["sliding_bpb"] and record["metrics"]["ttt_bpb"]
+    else:  # without the final evaluation only the plain pass's graphs
+        assert plan["scoring"] == [(64, 64)] and plan["ttt_step"] == []
+    assert calls[0]["graphs"] and dict(graphs) == calls[0]["graphs"]
+    assert record["timings"]["compile_warmup_eval_s"] > 0 and record["metrics"]["roundtrip_bpb"]
+
+
 def test_nan_loss_stops_with_status_nan(wiki_data, tmp_path, monkeypatch):
     build = loop.build_model
 

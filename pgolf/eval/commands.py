@@ -152,6 +152,12 @@ def eval_and_report(args, artifact: Path, cfg: RunConfig, denv) -> int:
     tokens, lut = eval_load_data(cfg, args.max_tokens or cfg.eval.val_tokens)
     model = eval_load_model(artifact, cfg, denv.device)
     compiler_import_s = load_compiler(scorer_for(cfg.eval), denv.device)
+    warm = {"seconds": 0.0}
+    if cfg.eval.precompile:
+        from pgolf.eval.warmup import warm_eval_compiles
+
+        warm = warm_eval_compiles(model, cfg.eval, cfg.eval.seq_len or cfg.train.seq_len, cfg.model.vocab_size,
+                                  denv.rank, denv.world_size)
     t0 = time.perf_counter()
     results = evaluate_configured(model, tokens, lut, cfg, denv.rank, denv.world_size)
     if not denv.is_main:
@@ -160,8 +166,13 @@ def eval_and_report(args, artifact: Path, cfg: RunConfig, denv) -> int:
     if compiler_import_s:
         print(f"setup: compiler imported in {compiler_import_s:.1f} s before the passes (a training process "
               "has it imported before its evaluation)")
+    if warm["seconds"]:
+        print(f"setup: the passes' graphs compiled in {warm['seconds']:.1f} s before them, on random tokens "
+              f"(eval.precompile; `pgolf train` does this in its untimed warm-up): scoring {warm['scoring']}, "
+              f"TTT step {warm['ttt_step']}")
     report = {"artifact": str(artifact), "config_hash": config_hash(cfg), "val_tokens": int(tokens.numel()),
               "world_size": denv.world_size, "results": results, "setup_compiler_import_s": compiler_import_s,
+              "setup_compile_warmup_s": warm["seconds"],
               "timings": {f"eval_{k}_s": v["seconds"] for k, v in results.items()},
               "seconds": time.perf_counter() - t0}
     out = Path(args.out) if args.out else artifact.parent / "eval.json"

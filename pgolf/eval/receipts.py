@@ -1,7 +1,8 @@
 """The timing receipt and the compliance summary of a run.
 
 Accounting (records.md 5.3, user-needs A2): the training budget covers the timed training loop plus the
-calibration (Hessian collection) that reads training data; compile warmup is untimed, and the GPTQ solve,
+calibration (Hessian collection) that reads training data; compile warmup is untimed (the training step's,
+and with eval.precompile the evaluation's graphs, compiled on random tokens before training), and the GPTQ solve,
 compression and serialization come after the budget. The eval budget covers every eval phase that ran
 (timing keys starting with "eval_"). The size cap is code + compressed weights, in decimal bytes.
 """

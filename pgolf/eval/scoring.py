@@ -7,17 +7,19 @@ This path scores the same windows in the same batches, with the same per-token a
 
 - the token stream and the window table live on the model's device: a batch's (B, T) inputs are gathered
   there, with no copy from the host and no host sync per batch;
-- the blocks run on the whole window, the head only on the positions the batch scores: its last `keep`
-  positions (`stride` for sliding windows; the whole window for the plain windows, the first sliding window
-  and a short stream). A model offering the split `forward_hidden(ids)` / `head_logits(hidden)`
-  (pgolf.model.gpt.GPT) gets the head on those positions alone; any other model runs its forward, cut;
+- the blocks run on the whole window, the last block (but for its keys and values) and the head only on
+  the positions the batch scores: its last `keep` positions (`stride` for sliding windows; the whole window
+  for the plain windows, the first sliding window and a short stream). A model offering the split
+  `forward_hidden(ids, keep)` / `head_logits(hidden)` (pgolf.model.gpt.GPT) computes those positions alone;
+  any other model runs its forward, cut;
 - NLL sums stay on the device (float64, one reduction per batch as the reference); token and byte counts come
   from the window table, on the host, once; the caller reads the result once, at the end;
 - the scoring forward can be torch.compile'd with static shapes (dynamic=False). A batch's signature is
   (window length, keep) (rows are padded to batch_seqs), so an evaluation has a few: the bulk, the first
   batch (keep = length) and the tail window (shorter). In "auto" mode only the signatures with at least
-  SCORE_COMPILE_MIN_BATCHES batches are compiled; the rest run the same function eagerly, so that a rare
-  shape never costs a compile.
+  SCORE_COMPILE_MIN_BATCHES batches are compiled, and any this process has compiled already (pgolf.eval.
+  warmup compiles the bulk signatures before the timed passes); the rest run the same function eagerly, so
+  that a rare shape never costs a compile.
 
 Scorer modes: "auto" (compiled on CUDA for the frequent signatures, eager elsewhere), "compiled" (every
 signature compiled, on any device: for tests), "eager" (this path, never compiled) and "reference".
@@ -72,16 +74,22 @@ def check_compile_scope(scope: str) -> str:
     return scope
 
 
-def call_block(block, x, x0, cos, sin, ve):
+def call_block(block, x, x0, cos, sin, ve, keep):
     """One transformer block: the function the "blocks" scope compiles (GPT.routed_blocks)."""
-    return block(x, x0, cos, sin, ve)
+    return block(x, x0, cos, sin, ve, keep)
+
+
+# Graphs of call_block one process may hold: a scoring forward's block structures (the first block, plain,
+# XSA, XSA + value embedding, the last block cut to `keep`) and a TTT step's, forward and backward. Dynamo's
+# default of 8 per function would run the rest eagerly.
+BLOCK_GRAPH_LIMIT = 32
 
 
 def compile_blocks_only(fn):
     """fn(model, *args) eagerly, but with each of the model's blocks through one compiled call_block.
 
     Blocks of the same structure (XSA or not, a value embedding or not) share one compiled graph, since
-    their per-layer constants are tensors (GPT.Block.ln_factor): a model of 11 layers compiles 3 small
+    their per-layer constants are tensors (GPT.Block.ln_factor): a model of 11 layers compiles a few small
     graphs instead of one large one, a fraction of the compile time, and the embedding, skips and head run
     eagerly. A model without GPT.routed_blocks is compiled whole."""
     whole = torch.compile(fn, dynamic=False)
@@ -90,10 +98,40 @@ def compile_blocks_only(fn):
     def run(model, *args):
         if not callable(getattr(model, "routed_blocks", None)):
             return whole(model, *args)
-        with model.routed_blocks(block_call):
+        limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPH_LIMIT)
+        with model.routed_blocks(block_call), torch._dynamo.config.patch(recompile_limit=limit):
             return fn(model, *args)
 
     return run
+
+
+# One compiled callable per (function, scope) in a process, and the signatures each has compiled: the
+# evaluation's passes reuse what pgolf.eval.warmup compiled before them (Dynamo's caches live on the
+# function; its guards take any model of the same structure, so a copy with other weights hits them).
+_COMPILED: dict = {}
+WARM_SIGNATURES: set = set()
+
+
+def shared_compile(fn, scope: str):
+    """The process's compiled callable of fn in this scope (created on first use)."""
+    key = (fn, check_compile_scope(scope))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=False) if scope == "model" else compile_blocks_only(fn)
+    return _COMPILED[key]
+
+
+def reset_shared_compiles() -> None:
+    """Forget the compiled callables and warm signatures (tests; a new torch.compile takes effect)."""
+    _COMPILED.clear()
+    WARM_SIGNATURES.clear()
+
+
+def signatures_to_compile(fn, scope: str, counts: Counter, min_count: int | None) -> set:
+    """The signatures of counts ({signature: calls}) worth compiling: those called at least min_count times,
+    and those this process has compiled already (they cost no compile now); none when min_count is None."""
+    if min_count is None:
+        return set()
+    return {s for s, n in counts.items() if n >= min_count or (fn, scope, s) in WARM_SIGNATURES}
 
 
 def compile_min_count(scorer: str, device: torch.device, auto_min: int) -> int | None:
@@ -123,17 +161,22 @@ def has_head_split(model) -> bool:
 
 
 def split_tail_nll(model, x: torch.Tensor, y: torch.Tensor, keep: int) -> torch.Tensor:
-    """NLL (B, keep) float32 of each row's last `keep` positions: the blocks on the whole window, the head
-    on those positions only."""
-    cut = x.size(1) - keep
-    logits = model.head_logits(model.forward_hidden(x)[:, cut:])
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[:, cut:].reshape(-1), reduction="none")
+    """NLL (B, keep) float32 of each row's last `keep` positions: the blocks on the whole window but the
+    last, which with the head runs on those positions only (forward_hidden's `keep`)."""
+    logits = model.head_logits(model.forward_hidden(x, keep))
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[:, x.size(1) - keep:].reshape(-1),
+                          reduction="none")
     return nll.view(x.size(0), keep).float()
 
 
 def full_tail_nll(model, x: torch.Tensor, y: torch.Tensor, keep: int) -> torch.Tensor:
     """The same through the model contract's forward (every position), cut to the last `keep`."""
     return model(x, y, reduction="none")[:, x.size(1) - keep:].float()
+
+
+def scoring_function(model):
+    """What the fast path calls for a batch: fn(model, x, y, keep) -> NLL (B, keep)."""
+    return split_tail_nll if has_head_split(model) else full_tail_nll
 
 
 class StaticShapeCompile:
@@ -148,12 +191,9 @@ class StaticShapeCompile:
     into compiling and scoring."""
 
     def __init__(self, fn, signatures, name: str, scope: str = "model"):
-        self.fn, self.name = fn, name
+        self.fn, self.name, self.scope = fn, name, check_compile_scope(scope)
         self.signatures = set(signatures)
-        self.compiled = None
-        if self.signatures:
-            whole = check_compile_scope(scope) == "model"
-            self.compiled = torch.compile(fn, dynamic=False) if whole else compile_blocks_only(fn)
+        self.compiled = shared_compile(fn, scope) if self.signatures else None
         self.first_call_s = 0.0
         self._called = set()
 
@@ -167,6 +207,8 @@ class StaticShapeCompile:
             out = self._call_compiled(*args)
             cuda_sync()
             self.first_call_s += time.perf_counter() - t0
+            if self.signatures:  # still compiled: no fallback happened
+                WARM_SIGNATURES.add((self.fn, self.scope, signature))
             return out
         return self._call_compiled(*args)
 
@@ -231,8 +273,8 @@ class WindowScorer:
         self.col_ids = torch.arange(max([b.length for bs in self.batches for b in bs], default=1), device=device)
         min_count = compile_min_count(check_scorer(scorer), device, SCORE_COMPILE_MIN_BATCHES)
         shapes = Counter((b.length, b.keep) for bs in self.batches for b in bs)
-        compiled = {s for s, n in shapes.items() if min_count is not None and n >= min_count}
-        fn = split_tail_nll if has_head_split(model) else full_tail_nll
+        fn = scoring_function(model)
+        compiled = signatures_to_compile(fn, compile_scope, shapes, min_count)
         self.forward = StaticShapeCompile(fn, compiled, "scoring forward", compile_scope)
 
     def score_group(self, g: int, acc) -> None:

@@ -34,8 +34,9 @@ class EvalToyModel(nn.Module):
         h = h + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))
         return h + self.out(F.relu(self.fc(F.rms_norm(h, (d,)))).square())
 
-    def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.hidden(input_ids)
+    def forward_hidden(self, input_ids: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+        h = self.hidden(input_ids)
+        return h if keep is None else h[:, h.size(1) - keep:]
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(F.rms_norm(hidden, (hidden.shape[-1],))).float()

@@ -34,6 +34,7 @@ from pgolf.eval.scoring import (
     eval_autocast,
     model_device,
     scorer_for,
+    signatures_to_compile,
 )
 from pgolf.eval.sliding import score_windows, sliding_windows
 from pgolf.train.clock import PhaseTimer
@@ -179,10 +180,11 @@ def prepare_ttt_model(model, cfg) -> tuple[nn.Module, list[nn.Parameter]]:
 
 def ttt_step_compile(cfg, seq_len: int, n_chunks: int, scorer: str, device, rank: int,
                      world_size: int) -> StaticShapeCompile:
-    """The adaptation step's summed NLL, compiled for the step shapes that occur often enough."""
+    """The adaptation step's summed NLL, compiled for the step shapes that occur often enough to repay a
+    compile, or that this process has compiled already (pgolf.eval.warmup)."""
     min_count = compile_min_count(scorer, device, TTT_COMPILE_MIN_STEPS)
     shapes = ttt_step_shape_counts(cfg, seq_len, n_chunks, rank, world_size)
-    compiled = {s for s, k in shapes.items() if min_count is not None and k >= min_count}
+    compiled = signatures_to_compile(ttt_step_nll_sum, cfg.compile_scope, shapes, min_count)
     return StaticShapeCompile(ttt_step_nll_sum, compiled, "TTT step", cfg.compile_scope)
 
 

@@ -38,6 +38,7 @@ RESULT_COLUMNS = [
     ("tokens_per_s", "REAL", ("train", "tokens_per_s")),
     ("stop_reason", "TEXT", ("train", "stop_reason")),
     ("compile_warmup_s", "REAL", ("timings", "compile_warmup_s")),
+    ("compile_warmup_eval_s", "REAL", ("timings", "compile_warmup_eval_s")),
     ("train_loop_s", "REAL", ("timings", "train_loop_s")),
     ("calibration_s", "REAL", ("timings", "calibration_s")),
     ("quantize_s", "REAL", ("timings", "quantize_s")),

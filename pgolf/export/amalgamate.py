@@ -31,6 +31,7 @@ MANIFEST_ROOTS = ("pgolf.config", "pgolf.train.loop")
 OPTIONAL_MODULES = {
     "pgolf.eval.sliding": "cfg.eval.sliding_stride > 0",
     "pgolf.eval.ttt": "cfg.eval.ttt",
+    "pgolf.eval.warmup": "cfg.eval.precompile",
     "pgolf.quant.pipeline": "cfg.quant.enabled",
     "pgolf.quant.hessian": "cfg.quant.enabled and cfg.quant.method == 'gptq' and cfg.quant.calib_batches > 0",
 }

@@ -34,16 +34,22 @@ def load_fa3_func():
     return getattr(module, "flash_attn_func", None)
 
 
+def tail_causal_mask(tq: int, tk: int, device) -> torch.Tensor:
+    """(tq, tk) bool, True where query i may read key j: the queries are the last tq of the tk positions
+    (causal aligned at the bottom right, as FlashAttention's causal=True with fewer queries than keys)."""
+    rows = torch.arange(tq, device=device)[:, None] + (tk - tq)
+    return torch.arange(tk, device=device)[None, :] <= rows
+
+
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Plain causal attention in fp32: softmax(QK^T / sqrt(D) + causal mask) V, with k, v expanded per group."""
+    """Plain causal attention in fp32: softmax(QK^T / sqrt(D) + causal mask) V, with k, v expanded per group.
+    q may hold only the last of k's positions (tail_causal_mask)."""
     group = q.size(2) // k.size(2)
     qf = q.float().transpose(1, 2)
     kf = k.float().repeat_interleave(group, dim=2).transpose(1, 2)
     vf = v.float().repeat_interleave(group, dim=2).transpose(1, 2)
     scores = qf @ kf.transpose(-1, -2) / math.sqrt(q.size(-1))
-    t = q.size(1)
-    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(future, float("-inf"))
+    scores = scores.masked_fill(~tail_causal_mask(q.size(1), k.size(1), q.device), float("-inf"))
     out = torch.softmax(scores, dim=-1) @ vf
     return out.transpose(1, 2).to(q.dtype)
 
@@ -57,15 +63,23 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backends: 
     `native_gqa` asks SDPA to take the unexpanded K/V there too: recent cuDNN kernels read them as they are
     (no expanded copy written in the forward, none reduced in the backward); where the first backend of the
     list refuses them, SDPA falls through to the next that takes them (flash), so measure before keeping it.
+
+    With fewer queries than keys (the last block of a scoring forward, GPT.forward_hidden's `keep`) the
+    queries are the last positions: an explicit tail_causal_mask, which the flash kernel does not take (SDPA
+    then runs cuDNN or the efficient kernel; the work is keep/T of a full attention).
     """
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    tail = q.size(1) != k.size(1)
+    if tail:
+        backends = [b for b in backends if b != SDPBackend.FLASH_ATTENTION] or [SDPBackend.MATH]
     native_gqa = native_gqa or all(b in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH) for b in backends)
     group = q.size(2) // k.size(2)
     if group > 1 and not native_gqa:
         kt = kt.repeat_interleave(group, dim=1)
         vt = vt.repeat_interleave(group, dim=1)
+    causal = {"attn_mask": tail_causal_mask(q.size(1), k.size(1), q.device)} if tail else {"is_causal": True}
     with sdpa_kernel(backends, set_priority=True):
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=native_gqa and group > 1)
+        out = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=native_gqa and group > 1, **causal)
     return out.transpose(1, 2)
 
 
@@ -105,7 +119,8 @@ class CausalSelfAttention(nn.Module):
         self.native_gqa = native_gqa
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The fast causal attention for this device and dtype; (B, T, H, D) in and out."""
+        """The fast causal attention for this device and dtype; (B, T, H, D) in and out (q may hold only the
+        last of the T positions: FA3's causal=True aligns at the bottom right, SDPA gets a mask)."""
         if not q.is_cuda:
             return sdpa_attention(q, k, v, SDPA_BACKENDS["math"])
         if self.fa3_func is not None and q.dtype in (torch.bfloat16, torch.float16):
@@ -114,18 +129,21 @@ class CausalSelfAttention(nn.Module):
         return sdpa_attention(q, k, v, self.sdpa_backends, self.native_gqa)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ve: torch.Tensor | None = None) -> torch.Tensor:
+                ve: torch.Tensor | None = None, keep: int | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); with `keep`, the output of the last `keep` positions only (B, keep, D):
+        their queries read the keys and values of every position."""
         b, t, _ = x.shape
-        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)
+        tq = t if keep is None else keep
+        q = self.c_q(x[:, t - tq:]).view(b, tq, self.num_heads, self.head_dim)
         k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.c_v(x)
         if ve is not None:
             v = v + ve.to(v.dtype)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(F.rms_norm(q, (self.head_dim,)), cos, sin)
+        q = apply_rotary(F.rms_norm(q, (self.head_dim,)), cos[t - tq:], sin[t - tq:])
         k = apply_rotary(F.rms_norm(k, (self.head_dim,)), cos, sin)
         q = (q * self.q_gain.to(q.dtype)[:, None]).to(v.dtype)
         y = self.attend(q, k.to(v.dtype), v)
         if self.xsa:
-            y = xsa_project_out(y, v)
-        return self.proj(y.reshape(b, t, -1))
+            y = xsa_project_out(y, v[:, t - tq:])
+        return self.proj(y.reshape(b, tq, -1))

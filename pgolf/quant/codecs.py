@@ -155,6 +155,9 @@ def compress_with(method: str, data: bytes) -> bytes:
 
 
 def decompress_with(method: str, blob: bytes, raw_len: int) -> bytes:
+    missing = method_missing(method)
+    if missing:  # an intact file this machine cannot read: say so, not "damaged"
+        raise UserError(f"cannot decompress its {method} section: {missing}")
     codec, filt = split_method(method)
     if raw_len <= CHUNK_BYTES:
         return filter_invert(filt, codec_decompress(codec, blob), raw_len)

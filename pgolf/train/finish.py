@@ -23,8 +23,8 @@ from pgolf.train.clock import PhaseTimer
 
 RECORD_METRIC_KEYS = ("prequant_loss", "prequant_bpb", "roundtrip_loss", "roundtrip_bpb", "sliding_loss",
                       "sliding_bpb", "ttt_loss", "ttt_bpb", "quant_delta")
-RECORD_TIMING_KEYS = ("compile_warmup_s", "train_loop_s", "calibration_s", "quantize_s", "serialize_s",
-                      "eval_plain_s", "eval_sliding_s", "eval_ttt_s")
+RECORD_TIMING_KEYS = ("compile_warmup_s", "compile_warmup_eval_s", "train_loop_s", "calibration_s", "quantize_s",
+                      "serialize_s", "eval_plain_s", "eval_sliding_s", "eval_ttt_s")
 
 
 def new_record(cfg: RunConfig, env: dict, run_dir) -> dict:
@@ -202,7 +202,8 @@ def fill_timings(record: dict, timer: PhaseTimer) -> None:
     """Copy the timer's receipt into the record's timings and compliance blocks."""
     r = timer.receipt()
     timings = record["timings"]
-    for phase in ("compile_warmup", "train_loop", "calibration", "eval_plain", "eval_sliding", "eval_ttt"):
+    for phase in ("compile_warmup", "compile_warmup_eval", "train_loop", "calibration", "eval_plain", "eval_sliding",
+                  "eval_ttt"):
         if phase in r:
             timings[f"{phase}_s"] = r[phase]
     if "eval_roundtrip" in r:

@@ -11,6 +11,7 @@ one step ahead (pgolf.train.pipeline): those numbers are the last finished step'
 """
 
 import contextlib
+import dataclasses
 import json
 import random
 import time
@@ -50,7 +51,7 @@ from pgolf.train.checkpoint import (
     save_checkpoint,
 )
 from pgolf.train.clock import PhaseTimer
-from pgolf.train.finish import evaluate_prequant, finish_run, new_record, run_code_bytes
+from pgolf.train.finish import eval_seq_len, evaluate_prequant, finish_run, new_record, run_code_bytes
 from pgolf.train.pipeline import IssuedStep, LossReadback
 from pgolf.train.progress import ProgressLine
 from pgolf.train.qat import qat_clip_k, qat_due, set_qat_from_config
@@ -228,6 +229,17 @@ def restore_checkpoint(run_dir, state: TrainState, model, opt, loader, ema, swa,
     return folder
 
 
+def precompile_evaluation(model, cfg: RunConfig, final_eval: bool, denv: DistEnv, timer: PhaseTimer) -> dict:
+    """The evaluation's graphs compiled now (pgolf.eval.warmup), timed as phase "compile_warmup_eval": the
+    plain pass's always, the sliding and TTT passes' when the run ends with them (final_eval)."""
+    from pgolf.eval.warmup import warm_eval_compiles
+
+    eval_cfg = cfg.eval if final_eval else dataclasses.replace(cfg.eval, sliding_stride=0, ttt=False)
+    with timer.phase("compile_warmup_eval"):
+        return warm_eval_compiles(model, eval_cfg, eval_seq_len(cfg), cfg.model.vocab_size, denv.rank,
+                                  denv.world_size)
+
+
 def train_run(cfg: RunConfig, resume: str | None = None, clock=None, sinks=(), final_eval: bool = True,
               code_bytes: int | None = None) -> dict:
     """Train one run and write its run directory; returns the run record (status "ok" or "nan").
@@ -288,6 +300,10 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
         loader = TrainTokenStream(train_files, denv.rank, denv.world_size, vocab_size=cfg.model.vocab_size)
         seed_everything(t.seed)
     del initial_weights
+    if cfg.eval.precompile:  # untimed too, and before any token is read: random tokens, copies of the model
+        warm = precompile_evaluation(model, cfg, final_eval, denv, timer)
+        progress.message(f"eval graphs compiled in {warm['seconds']:.1f} s (untimed warm-up): scoring "
+                         f"{warm['scoring']}, TTT step {warm['ttt_step']}")
     ema, swa = build_averagers(model, t)
     state = TrainState()
     if resume:
@@ -432,6 +448,7 @@ def collect_calibration(model, loader, cfg: RunConfig, device, timer: PhaseTimer
 
 def timer_seconds(timer: PhaseTimer) -> dict:
     r = timer.receipt()
-    return {"compile_warmup_s": r.get("compile_warmup"), "train_loop_s": r.get("train_loop"),
+    return {"compile_warmup_s": r.get("compile_warmup"), "compile_warmup_eval_s": r.get("compile_warmup_eval"),
+            "train_loop_s": r.get("train_loop"),
             "calibration_s": r.get("calibration")}
 
