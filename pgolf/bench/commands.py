@@ -145,6 +145,8 @@ def format_bench_report(report: dict) -> str:
 
 def format_eval_bench(evals: dict) -> list[str]:
     lines = [f"eval: {evals['stream_tokens']:,} tokens ({evals['data']})"]
+    if "precompile_s" in evals:
+        lines[0] += f"; the passes' graphs compiled first in {evals['precompile_s']:.1f} s (eval.precompile)"
     for kind in ("sliding", "ttt"):
         r = evals[kind]
         if "skipped" in r:

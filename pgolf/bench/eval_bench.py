@@ -5,9 +5,11 @@ EvalConfig's stride, batch sizes, chunks and epochs, windows split over the rank
 n tokens of the validation shards, or seeded random tokens without data. One short untimed pass first warms
 up kernels and allocations (for TTT it covers one adapted chunk). Bytes come from a table of one byte per
 token: a benchmark's bpb means nothing, so none is reported. tokens/s = scored target tokens / seconds.
-The warm-up stream is too short for "auto" to compile the bulk scoring shape, so the timed pass compiles it:
-its seconds include that compile, as an evaluation's do, and "compile_s" says how much of them it took (TTT
-adds its scoring, first-chunk and other adaptation seconds).
+With eval.precompile (the `record` recipe) the passes' graphs are compiled first, as a run's warm-up does
+before training ("precompile_s", outside the passes); without it the warm-up stream is too short for "auto"
+to compile the bulk scoring shape, so the timed pass compiles it: its seconds include that compile, as an
+evaluation's do. Either way "compile_s" says how much of a pass's seconds compiling took (TTT adds its
+scoring, first-chunk and other adaptation seconds).
 """
 
 import time
@@ -89,6 +91,12 @@ def bench_eval(model, cfg: RunConfig, denv: DistEnv, n_tokens: int, val_files: l
     """tokens/s of the sliding and TTT evaluations the config enables (a "skipped" reason for the others)."""
     tokens = bench_eval_tokens(cfg, n_tokens, val_files)
     out = {"stream_tokens": int(tokens.numel()), "data": "val shards" if val_files else "random tokens"}
+    if cfg.eval.precompile:
+        from pgolf.eval.warmup import warm_eval_compiles
+
+        warm = warm_eval_compiles(model, cfg.eval, cfg.eval.seq_len or cfg.train.seq_len, cfg.model.vocab_size,
+                                  denv.rank, denv.world_size)
+        out["precompile_s"] = warm["seconds"]
     if cfg.eval.sliding_stride > 0:
         out["sliding"] = bench_sliding(model, cfg, tokens, denv)
     else:
