@@ -114,3 +114,22 @@ def test_a_warm_signature_is_compiled_below_the_count_that_repays_a_cold_compile
     assert signatures_to_compile(ttt_step_nll_sum, "blocks", counts, 1024) == {"bulk"}  # another scope
     assert signatures_to_compile(ttt_step_nll_sum, "model", counts, None) == set()  # a scorer that never compiles
 
+
+
+def test_a_run_config_compiles_before_its_passes_only_with_eval_precompile(compiled_graphs, monkeypatch):
+    from pgolf.eval import warmup
+    from pgolf.eval.warmup import warm_configured_eval
+    from pgolf.recipes import recipe_tiny
+
+    monkeypatch.setattr(warmup, "compile_min_count", lambda scorer, device, auto_min: 1)  # as "auto" on CUDA
+    cfg = recipe_tiny()
+    cfg.model = tiny_gpt(0).cfg
+    cfg.train.seq_len, cfg.eval.batch_seqs, cfg.eval.sliding_stride, cfg.eval.ttt_chunk_tokens = SEQ_LEN, 4, 8, 64
+    cfg.eval.precompile = False
+    assert warm_configured_eval(tiny_gpt(0), cfg)["seconds"] == 0.0 and not compiled_graphs
+    cfg.eval.precompile = True
+    warm = warm_configured_eval(tiny_gpt(0), cfg)
+    assert warm["scoring"] == [(SEQ_LEN, 8), (SEQ_LEN, SEQ_LEN)] and warm["ttt_step"] == [(1, SEQ_LEN)]
+    assert compiled_graphs
+    plain_only = warm_configured_eval(tiny_gpt(0), cfg, final_eval=False)
+    assert plain_only["scoring"] == [(SEQ_LEN, SEQ_LEN)] and plain_only["ttt_step"] == []

@@ -24,6 +24,7 @@ from pgolf.data.shards import FILE_AUDIT
 from pgolf.dist import DistEnv, cuda_sync
 from pgolf.eval.sliding import evaluate_sliding
 from pgolf.eval.ttt import evaluate_ttt
+from pgolf.eval.warmup import warm_configured_eval
 
 
 def uniform_byte_lut(vocab_size: int) -> ByteLUT:
@@ -92,11 +93,7 @@ def bench_eval(model, cfg: RunConfig, denv: DistEnv, n_tokens: int, val_files: l
     tokens = bench_eval_tokens(cfg, n_tokens, val_files)
     out = {"stream_tokens": int(tokens.numel()), "data": "val shards" if val_files else "random tokens"}
     if cfg.eval.precompile:
-        from pgolf.eval.warmup import warm_eval_compiles
-
-        warm = warm_eval_compiles(model, cfg.eval, cfg.eval.seq_len or cfg.train.seq_len, cfg.model.vocab_size,
-                                  denv.rank, denv.world_size)
-        out["precompile_s"] = warm["seconds"]
+        out["precompile_s"] = warm_configured_eval(model, cfg, denv.rank, denv.world_size)["seconds"]
     if cfg.eval.sliding_stride > 0:
         out["sliding"] = bench_sliding(model, cfg, tokens, denv)
     else:

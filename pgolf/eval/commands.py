@@ -148,16 +148,12 @@ def cmd_eval(args) -> int:
 
 def eval_and_report(args, artifact: Path, cfg: RunConfig, denv) -> int:
     from pgolf.eval.scoring import load_compiler, scorer_for
+    from pgolf.eval.warmup import warm_configured_eval
 
     tokens, lut = eval_load_data(cfg, args.max_tokens or cfg.eval.val_tokens)
     model = eval_load_model(artifact, cfg, denv.device)
     compiler_import_s = load_compiler(scorer_for(cfg.eval), denv.device)
-    warm = {"seconds": 0.0}
-    if cfg.eval.precompile:
-        from pgolf.eval.warmup import warm_eval_compiles
-
-        warm = warm_eval_compiles(model, cfg.eval, cfg.eval.seq_len or cfg.train.seq_len, cfg.model.vocab_size,
-                                  denv.rank, denv.world_size)
+    warm = warm_configured_eval(model, cfg, denv.rank, denv.world_size)
     t0 = time.perf_counter()
     results = evaluate_configured(model, tokens, lut, cfg, denv.rank, denv.world_size)
     if not denv.is_main:

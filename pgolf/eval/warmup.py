@@ -14,6 +14,7 @@ reports it there. Either way the time is shown, never hidden in another figure.
 """
 
 import copy
+import dataclasses
 import time
 
 import torch
@@ -86,3 +87,12 @@ def warm_eval_compiles(model, cfg, seq_len: int, vocab_size: int, rank: int = 0,
     cuda_sync()
     done.update(seconds=time.perf_counter() - t0, scoring=plan["scoring"], ttt_step=plan["ttt_step"])
     return done
+
+
+def warm_configured_eval(model, cfg, rank: int = 0, world_size: int = 1, final_eval: bool = True) -> dict:
+    """warm_eval_compiles for the evaluations a RunConfig runs, when its eval.precompile is on (else nothing,
+    {"seconds": 0.0, ...}); final_eval=False: a run that ends without its sliding and TTT passes."""
+    e = cfg.eval if final_eval else dataclasses.replace(cfg.eval, sliding_stride=0, ttt=False)
+    if not e.precompile:
+        return {"seconds": 0.0, "scoring": [], "ttt_step": []}
+    return warm_eval_compiles(model, e, e.seq_len or cfg.train.seq_len, cfg.model.vocab_size, rank, world_size)

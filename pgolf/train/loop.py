@@ -11,7 +11,6 @@ one step ahead (pgolf.train.pipeline): those numbers are the last finished step'
 """
 
 import contextlib
-import dataclasses
 import json
 import random
 import time
@@ -51,7 +50,7 @@ from pgolf.train.checkpoint import (
     save_checkpoint,
 )
 from pgolf.train.clock import PhaseTimer
-from pgolf.train.finish import eval_seq_len, evaluate_prequant, finish_run, new_record, run_code_bytes
+from pgolf.train.finish import evaluate_prequant, finish_run, new_record, run_code_bytes
 from pgolf.train.pipeline import IssuedStep, LossReadback
 from pgolf.train.progress import ProgressLine
 from pgolf.train.qat import qat_clip_k, qat_due, set_qat_from_config
@@ -232,12 +231,10 @@ def restore_checkpoint(run_dir, state: TrainState, model, opt, loader, ema, swa,
 def precompile_evaluation(model, cfg: RunConfig, final_eval: bool, denv: DistEnv, timer: PhaseTimer) -> dict:
     """The evaluation's graphs compiled now (pgolf.eval.warmup), timed as phase "compile_warmup_eval": the
     plain pass's always, the sliding and TTT passes' when the run ends with them (final_eval)."""
-    from pgolf.eval.warmup import warm_eval_compiles
+    from pgolf.eval.warmup import warm_configured_eval
 
-    eval_cfg = cfg.eval if final_eval else dataclasses.replace(cfg.eval, sliding_stride=0, ttt=False)
     with timer.phase("compile_warmup_eval"):
-        return warm_eval_compiles(model, eval_cfg, eval_seq_len(cfg), cfg.model.vocab_size, denv.rank,
-                                  denv.world_size)
+        return warm_configured_eval(model, cfg, denv.rank, denv.world_size, final_eval)
 
 
 def train_run(cfg: RunConfig, resume: str | None = None, clock=None, sinks=(), final_eval: bool = True,
