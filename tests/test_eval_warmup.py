@@ -36,8 +36,7 @@ def tiny_gpt(seed: int):
 
 
 def eval_cfg(scope: str):
-    cfg = ttt_cfg(compile_scope=scope, precompile=True)
-    return cfg
+    return ttt_cfg(compile_scope=scope, precompile=True)
 
 
 def run_passes(model, cfg, scorer: str) -> dict:
