@@ -34,6 +34,10 @@ from pgolf.eval.ttt import prepare_ttt_model, ttt_step_nll_sum, ttt_step_shape_c
 WARMUP_SEED = 0
 
 
+def nothing_compiled() -> dict:
+    return {"seconds": 0.0, "scoring": [], "ttt_step": []}
+
+
 def eval_compile_plan(cfg, seq_len: int, rank: int = 0, world_size: int = 1) -> dict:
     """The signatures the evaluations of `cfg` (an EvalConfig) run in bulk, from the config alone:
     "scoring": (length, keep) of the scoring forward: whole windows (the plain pass; the first window of the
@@ -43,6 +47,7 @@ def eval_compile_plan(cfg, seq_len: int, rank: int = 0, world_size: int = 1) -> 
     scoring = {(seq_len, seq_len)}
     if (cfg.sliding_stride > 0 or cfg.ttt) and stride < seq_len:
         scoring.add((seq_len, stride))
+    # the shapes of a full chunk's steps do not depend on the number of chunks: any count above 1 gives them
     steps = set(ttt_step_shape_counts(cfg, seq_len, 2, rank, world_size)) if cfg.ttt else set()
     return {"scoring": sorted(scoring), "ttt_step": sorted(steps)}
 
@@ -60,9 +65,8 @@ def warm_eval_compiles(model, cfg, seq_len: int, vocab_size: int, rank: int = 0,
     compile on the model's device. The callers run it when eval.precompile is on."""
     scorer = check_scorer(scorer or scorer_for(cfg))
     device = model_device(model)
-    done = {"seconds": 0.0, "scoring": [], "ttt_step": []}
     if compile_min_count(scorer, device, 1) is None:
-        return done
+        return nothing_compiled()
     t0 = time.perf_counter()
     plan = eval_compile_plan(cfg, seq_len, rank, world_size)
     gen = torch.Generator().manual_seed(WARMUP_SEED)
@@ -85,8 +89,7 @@ def warm_eval_compiles(model, cfg, seq_len: int, vocab_size: int, rank: int = 0,
             loss.backward()  # compiles the backward graph too
         del work
     cuda_sync()
-    done.update(seconds=time.perf_counter() - t0, scoring=plan["scoring"], ttt_step=plan["ttt_step"])
-    return done
+    return {"seconds": time.perf_counter() - t0, **plan}
 
 
 def warm_configured_eval(model, cfg, rank: int = 0, world_size: int = 1, final_eval: bool = True) -> dict:
@@ -94,5 +97,5 @@ def warm_configured_eval(model, cfg, rank: int = 0, world_size: int = 1, final_e
     {"seconds": 0.0, ...}); final_eval=False: a run that ends without its sliding and TTT passes."""
     e = cfg.eval if final_eval else dataclasses.replace(cfg.eval, sliding_stride=0, ttt=False)
     if not e.precompile:
-        return {"seconds": 0.0, "scoring": [], "ttt_step": []}
+        return nothing_compiled()
     return warm_eval_compiles(model, e, e.seq_len or cfg.train.seq_len, cfg.model.vocab_size, rank, world_size)
