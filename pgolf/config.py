@@ -59,6 +59,7 @@ class ModelConfig:
     attention: str = "auto"  # auto | fa3 | cudnn | flash | efficient | math
     native_gqa: bool = False  # SDPA reads K/V with their own head count (enable_gqa), none expanded; see attention.py
     residual_dtype: str = "float32"  # float32 | bfloat16: the dtype of the embedding output and residual stream
+    fused_qk: bool = False  # q/k RMSNorm + RoPE + q gain as one Triton kernel per direction on CUDA (fused_qk.py)
 
 
 @dataclass

@@ -1,9 +1,16 @@
 """Shared fixtures: paths to ../shared, tiny configs, a seeded RNG."""
 
+import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels (pgolf.model.fused_qk) run their own source through Triton's interpreter, on
+# CPU tensors: set before any pgolf module defines one (the decorator reads it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -15,12 +22,7 @@ WIKI_DIR = SHARED / "data" / "wiki"
 def pytest_collection_modifyitems(config, items):
     have_shared = TOKENIZER_1024.exists() and (WIKI_DIR / "docs_000.jsonl.xz").exists()
     skip_shared = pytest.mark.skip(reason="../shared (challenge tokenizers, wiki corpus) is not beside the checkout")
-    try:
-        import torch
-
-        have_gpu = torch.cuda.is_available()
-    except ImportError:
-        have_gpu = False
+    have_gpu = torch.cuda.is_available()
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "shared" in item.keywords and not have_shared:

@@ -13,7 +13,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pgolf.errors import UserError
-from pgolf.model.layers import CastedLinear, apply_rotary
+from pgolf.model.fused_qk import qk_prep
+from pgolf.model.layers import CastedLinear
 
 SDPA_BACKENDS = {
     "auto": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
@@ -94,10 +95,11 @@ def xsa_project_out(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    """GQA with q/k RMSNorm, (partial) RoPE and a learnable per-head q gain; optional XSA."""
+    """GQA with q/k RMSNorm, (partial) RoPE and a learnable per-head q gain; optional XSA. With fused_qk the
+    norm, RoPE and gain run as one Triton kernel per direction on CUDA (pgolf.model.fused_qk)."""
 
     def __init__(self, model_dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float,
-                 attention: str = "auto", xsa: bool = False, native_gqa: bool = False):
+                 attention: str = "auto", xsa: bool = False, native_gqa: bool = False, fused_qk: bool = False):
         super().__init__()
         if attention not in SDPA_BACKENDS:
             raise UserError(f"model.attention={attention!r} is not one of {'|'.join(SDPA_BACKENDS)}")
@@ -117,6 +119,7 @@ class CausalSelfAttention(nn.Module):
             raise UserError("model.attention='fa3' but the flash_attn_interface package does not import")
         self.sdpa_backends = SDPA_BACKENDS[attention]
         self.native_gqa = native_gqa
+        self.fused_qk = fused_qk
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The fast causal attention for this device and dtype; (B, T, H, D) in and out (q may hold only the
@@ -140,10 +143,9 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             v = v + ve.to(v.dtype)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(F.rms_norm(q, (self.head_dim,)), cos[t - tq:], sin[t - tq:])
-        k = apply_rotary(F.rms_norm(k, (self.head_dim,)), cos, sin)
-        q = (q * self.q_gain.to(q.dtype)[:, None]).to(v.dtype)
-        y = self.attend(q, k.to(v.dtype), v)
+        q = qk_prep(q, cos[t - tq:], sin[t - tq:], self.q_gain, self.fused_qk).to(v.dtype)
+        k = qk_prep(k, cos, sin, None, self.fused_qk).to(v.dtype)
+        y = self.attend(q, k, v)
         if self.xsa:
             y = xsa_project_out(y, v[:, t - tq:])
         return self.proj(y.reshape(b, tq, -1))

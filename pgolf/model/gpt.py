@@ -54,7 +54,8 @@ class Block(nn.Module):
         self.layer = layer
         self.norm = RMSNorm()
         self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.attention,
-                                        xsa=layer >= cfg.num_layers - cfg.xsa_last_n, native_gqa=cfg.native_gqa)
+                                        xsa=layer >= cfg.num_layers - cfg.xsa_last_n, native_gqa=cfg.native_gqa,
+                                        fused_qk=cfg.fused_qk)
         self.mlp = BlockMLP(dim, round(cfg.mlp_mult * dim), cfg.mlp_slope)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
