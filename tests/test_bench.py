@@ -14,6 +14,7 @@ from pgolf.bench.flops import matmul_params_per_token, peak_bf16_flops, training
 from pgolf.bench.profile import (
     BENCH_OPTIMIZER_RANGE,
     BENCH_STEP_RANGE,
+    category_rates,
     device_time_rows,
     format_profile,
     kernel_category,
@@ -128,6 +129,10 @@ def test_bench_cli_on_shards_with_profile(tmp_path, capsys):
     assert {"gemm", "attention", "optimizer"} <= set(categories)
     assert sum(categories.values()) == pytest.approx(profile["busy_pct"])
     assert any(r["name"] == "aten::mm" and r["category"] == "gemm" for r in profile["rows"])
+    gemm_ms = next(c["ms_per_step"] for c in profile["categories"] if c["category"] == "gemm")
+    want = report["train"]["flops"]["matmul_flops"] * report["train"]["batch_tokens"] / (gemm_ms / 1000) / 1e12
+    assert profile["tflops_by_category"]["gemm"] == pytest.approx(want)
+    assert "TFLOP/s" in format_profile(profile)
 
 
 @pytest.mark.parametrize("extra, named", [
@@ -157,6 +162,8 @@ def test_kernel_categories_of_typical_kernel_names():
             "elementwise+reduction (eager)"),
         "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
         "Memcpy HtoD (Pageable -> Device)": "memcpy",
+        "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*, void const*)": "attention",
+        "qk_norm_rope_bwd_kernel": "elementwise+reduction (pgolf)",
         "some_custom_kernel": "other",
     }
     for name, category in cases.items():
@@ -167,6 +174,15 @@ def test_kernel_categories_of_typical_kernel_names():
     assert kernel_category("void at::native::direct_copy_kernel_cuda",
                            ["aten::copy_", "aten::repeat_interleave", "aten::scaled_dot_product_attention"]) == \
         "attention"
+
+
+def test_category_rates_at_the_analytic_terms():
+    """The H200 profile of `record` (docs/benchmarks.md, ninth session): 23.38 ms of gemm for 6 N = 6 x
+    26,574,848 FLOPs a token over 98,304 tokens is 670 TFLOP/s; a category the profile lacks is left out."""
+    report = {"categories": [{"category": "gemm", "ms_per_step": 23.38},
+                             {"category": "elementwise+reduction (triton)", "ms_per_step": 26.5}]}
+    rates = category_rates(report, 6 * 26_574_848, 6 * 11 * 2048 * 512, 98_304)
+    assert rates == {"gemm": pytest.approx(670.4, abs=0.1)}
 
 
 def test_device_rows_follow_the_launching_operator():

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pgolf.bench.flops import peak_bf16_flops, training_flops_per_token
-from pgolf.bench.profile import OptimizerRange, profile_steps
+from pgolf.bench.profile import OptimizerRange, category_rates, profile_steps
 from pgolf.config import RunConfig
 from pgolf.data.loader import TrainTokenStream
 from pgolf.dist import DistEnv, all_reduce_max_many, cuda_sync
@@ -131,4 +131,6 @@ def bench_train(cfg: RunConfig, denv: DistEnv, steps: int, warmup: int, train_fi
     if profile > 0:
         wrapped = OptimizerRange(opt)
         report = profile_steps(lambda: train_step(step_model, wrapped, loader, cfg, device), profile, device)
+        report["tflops_by_category"] = category_rates(report, flops.matmul_flops, flops.attention_flops,
+                                                      t.batch_tokens / denv.world_size)
     return result, report, model
