@@ -130,6 +130,22 @@ def test_model_with_fused_qk_matches_plain(tiny_cfg, monkeypatch):
 
 
 @needs_triton
+def test_scoring_cut_with_fused_qk_matches_plain(tiny_cfg, monkeypatch):
+    """forward_hidden with `keep` (the scoring forward: the last block's queries on the kept positions, with
+    the RoPE tables' tail) through the kernels equals the plain model's."""
+    monkeypatch.setattr(fused_qk, "fused_qk_supported", lambda x, cos: True)
+    torch.manual_seed(0)
+    plain = GPT(dataclasses.replace(tiny_cfg.model, fused_qk=False)).to(DEVICE)
+    fused = GPT(dataclasses.replace(tiny_cfg.model, fused_qk=True)).to(DEVICE)
+    fused.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, tiny_cfg.model.vocab_size, (3, 40), device=DEVICE)
+    with torch.no_grad():
+        for keep in (None, 7):
+            torch.testing.assert_close(fused.forward_hidden(ids, keep), plain.forward_hidden(ids, keep),
+                                       atol=1e-5, rtol=1e-4)
+
+
+@needs_triton
 def test_fused_ops_trace_through_aot_autograd(monkeypatch):
     """Under torch.compile the kernels are opaque ops: their fake (shape) functions and the registered
     backward must carry the graph through AOTAutograd (backend aot_eager: no Inductor, quick on a CPU)."""
