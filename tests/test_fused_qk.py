@@ -105,19 +105,26 @@ def test_unfused_attention_is_the_reference_composition(tiny_cfg):
         assert torch.equal(model(ids), before)
 
 
+def plain_and_fused(model_cfg, monkeypatch) -> tuple[GPT, GPT]:
+    """Two GPTs with the same weights, fused_qk off and on, the kernels allowed on this device and dtype;
+    the q gains and attention projections perturbed (the zero init would hide the attention's gradient)."""
+    monkeypatch.setattr(fused_qk, "fused_qk_supported", lambda x, cos: True)
+    torch.manual_seed(0)
+    plain = GPT(dataclasses.replace(model_cfg, fused_qk=False)).to(DEVICE)
+    with torch.no_grad():
+        for block in plain.blocks:
+            block.attn.q_gain.uniform_(0.5, 2.0)
+            block.attn.proj.weight.normal_(0, 0.02)
+    fused = GPT(dataclasses.replace(model_cfg, fused_qk=True)).to(DEVICE)
+    fused.load_state_dict(plain.state_dict())
+    return plain, fused
+
+
 @needs_triton
 def test_model_with_fused_qk_matches_plain(tiny_cfg, monkeypatch):
     """The whole GPT, forward and backward, with every attention's q/k through the kernels (allowed on this
     device and dtype for the test), against the plain model: same logits and gradients to float32 rounding."""
-    monkeypatch.setattr(fused_qk, "fused_qk_supported", lambda x, cos: True)
-    torch.manual_seed(0)
-    plain = GPT(dataclasses.replace(tiny_cfg.model, fused_qk=False)).to(DEVICE)
-    with torch.no_grad():
-        for block in plain.blocks:
-            block.attn.q_gain.uniform_(0.5, 2.0)
-            block.attn.proj.weight.normal_(0, 0.02)  # the zero init would hide the attention's gradient
-    fused = GPT(dataclasses.replace(tiny_cfg.model, fused_qk=True)).to(DEVICE)
-    fused.load_state_dict(plain.state_dict())
+    plain, fused = plain_and_fused(tiny_cfg.model, monkeypatch)
     assert all(block.attn.fused_qk for block in fused.blocks)
     assert not any(block.attn.fused_qk for block in plain.blocks)
     ids = torch.randint(0, tiny_cfg.model.vocab_size, (2, 32), device=DEVICE)
@@ -133,11 +140,7 @@ def test_model_with_fused_qk_matches_plain(tiny_cfg, monkeypatch):
 def test_scoring_cut_with_fused_qk_matches_plain(tiny_cfg, monkeypatch):
     """forward_hidden with `keep` (the scoring forward: the last block's queries on the kept positions, with
     the RoPE tables' tail) through the kernels equals the plain model's."""
-    monkeypatch.setattr(fused_qk, "fused_qk_supported", lambda x, cos: True)
-    torch.manual_seed(0)
-    plain = GPT(dataclasses.replace(tiny_cfg.model, fused_qk=False)).to(DEVICE)
-    fused = GPT(dataclasses.replace(tiny_cfg.model, fused_qk=True)).to(DEVICE)
-    fused.load_state_dict(plain.state_dict())
+    plain, fused = plain_and_fused(tiny_cfg.model, monkeypatch)
     ids = torch.randint(0, tiny_cfg.model.vocab_size, (3, 40), device=DEVICE)
     with torch.no_grad():
         for keep in (None, 7):

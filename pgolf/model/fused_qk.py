@@ -25,8 +25,6 @@ except ImportError:  # CPU-only installs: the reference path serves
     triton = None
 
 ROWS_PER_PROGRAM = 64
-# The custom ops' signatures say Optional[...]: torch.library reads their schema from the annotations, and
-# that spelling is the one run on the device's torch (2.11); torch 2.13 parses X | None as well.
 
 
 def qk_prep_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -59,15 +57,16 @@ def qk_prep(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.T
 if triton is not None:
 
     @triton.jit
-    def qk_rows(pid, n_rows, T, H, sb, st, sh, ROWS: tl.constexpr):
-        """The rows of one program, their validity, head, position, and offsets for strides (sb, st, sh)."""
+    def qk_rows(pid, n_rows, T, H, ROWS: tl.constexpr):
+        """The rows (b, t, h flattened) of one program: their index, validity, batch, position and head."""
         rows = pid * ROWS + tl.arange(0, ROWS)
-        valid = rows < n_rows
-        head = rows % H
         bt = rows // H
-        pos = bt % T
-        offsets = (bt // T).to(tl.int64) * sb + pos.to(tl.int64) * st + head.to(tl.int64) * sh
-        return rows, valid, head, pos, offsets
+        return rows, rows < n_rows, bt // T, bt % T, rows % H
+
+    @triton.jit
+    def row_offsets(batch, pos, head, sb, st, sh):
+        """Where each row starts in a tensor of strides (sb, st, sh) over (B, T, H)."""
+        return batch.to(tl.int64) * sb + pos.to(tl.int64) * st + head.to(tl.int64) * sh
 
     @triton.jit
     def rope_tables(cos_ptr, sin_ptr, pos, valid, D: tl.constexpr, HALF: tl.constexpr):
@@ -88,7 +87,8 @@ if triton is not None:
                                 n_rows, T, H, sxb, sxt, sxh, eps,
                                 D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr,
                                 ROWS: tl.constexpr):
-        rows, valid, head, pos, offsets = qk_rows(tl.program_id(0), n_rows, T, H, sxb, sxt, sxh, ROWS)
+        rows, valid, batch, pos, head = qk_rows(tl.program_id(0), n_rows, T, H, ROWS)
+        offsets = row_offsets(batch, pos, head, sxb, sxt, sxh)
         cols, partner, c, s = rope_tables(cos_ptr, sin_ptr, pos, valid, D, HALF)
         mask = valid[:, None]
         x = tl.load(x_ptr + offsets[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -106,8 +106,9 @@ if triton is not None:
                                 n_rows, T, H, sdb, sdt, sdh, sxb, sxt, sxh,
                                 D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr,
                                 ROWS: tl.constexpr):
-        rows, valid, head, pos, x_offsets = qk_rows(tl.program_id(0), n_rows, T, H, sxb, sxt, sxh, ROWS)
-        _, _, _, _, dy_offsets = qk_rows(tl.program_id(0), n_rows, T, H, sdb, sdt, sdh, ROWS)
+        rows, valid, batch, pos, head = qk_rows(tl.program_id(0), n_rows, T, H, ROWS)
+        x_offsets = row_offsets(batch, pos, head, sxb, sxt, sxh)
+        dy_offsets = row_offsets(batch, pos, head, sdb, sdt, sdh)
         cols, partner, c, s = rope_tables(cos_ptr, sin_ptr, pos, valid, D, HALF)
         mask = valid[:, None]
         dy = tl.load(dy_ptr + dy_offsets[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -132,6 +133,8 @@ def launch_grid(n_rows: int) -> tuple[int]:
     return (triton.cdiv(n_rows, ROWS_PER_PROGRAM),)
 
 
+# The custom ops' signatures say Optional[...]: torch.library reads their schema from the annotations, and
+# that spelling is the one run on the device's torch (2.11); torch 2.13 parses X | None as well.
 @torch.library.custom_op("pgolf::qk_norm_rope", mutates_args=())
 def qk_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  gain: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: UP045
@@ -177,16 +180,15 @@ def qk_norm_rope_backward_fake(dy, x, rstd, cos, sin, gain):
 
 def qk_norm_rope_setup(ctx, inputs, output):
     x, cos, sin, gain = inputs
-    ctx.has_gain = gain is not None
-    ctx.save_for_backward(x, output[1], cos, sin, gain if gain is not None else x.new_empty(0))
+    ctx.save_for_backward(x, output[1], cos, sin, gain)  # gain may be None
 
 
 def qk_norm_rope_grad(ctx, dy, _drstd):
     x, rstd, cos, sin, gain = ctx.saved_tensors
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
-    dx, dgain = torch.ops.pgolf.qk_norm_rope_backward(dy, x, rstd, cos, sin, gain if ctx.has_gain else None)
-    return dx, None, None, dgain if ctx.has_gain else None
+    dx, dgain = torch.ops.pgolf.qk_norm_rope_backward(dy, x, rstd, cos, sin, gain)
+    return dx, None, None, None if gain is None else dgain
 
 
 qk_norm_rope.register_autograd(qk_norm_rope_grad, setup_context=qk_norm_rope_setup)
