@@ -59,7 +59,9 @@ class ModelConfig:
     attention: str = "auto"  # auto | fa3 | cudnn | flash | efficient | math
     native_gqa: bool = False  # SDPA reads K/V with their own head count (enable_gqa), none expanded; see attention.py
     residual_dtype: str = "float32"  # float32 | bfloat16: the dtype of the embedding output and residual stream
-    fused_qk: bool = False  # q/k RMSNorm + RoPE + q gain as one Triton kernel per direction on CUDA (fused_qk.py)
+    # q/k RMSNorm + RoPE + q gain as one Triton kernel per direction on CUDA (fused_qk.py), in the training
+    # steps only: evaluation runs the plain path, faster there (GPT.set_training_kernels)
+    fused_qk: bool = False
 
 
 @dataclass
@@ -96,6 +98,9 @@ class TrainConfig:
     # Inductor's mix-order reduction fuses a row reduction (RMSNorm backward) with column sums (the per-channel
     # scales' grads); with the record's shapes its kernel ran 10x under bandwidth on an H100 (benchmarks.md)
     mix_order_reduction: bool = True
+    # the block matrices' forward and input-gradient matmuls in FP8 e4m3 with row-wise scales while training
+    # (pgolf.model.fp8); weight gradients stay bf16, and validation, calibration, export and scoring run plain
+    fp8: bool = False
     ema_decay: float = 0.0  # 0 = off; else the EMA weights are the ones evaluated and exported
     swa_every: int = 0  # 0 = off; average every N steps once the LR scale is below swa_start_scale
     swa_start_scale: float = 0.2

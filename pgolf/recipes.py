@@ -37,7 +37,7 @@ def recipe_record() -> RunConfig:
     m.ve_dim = 128
     m.ortho_init = True
     m.residual_dtype = "bfloat16"  # as the records' scripts run the stream; x1.11 step speed on an H100
-    m.fused_qk = True  # q/k norm + RoPE + gain as Triton kernels: x1.078 step speed on an H200 (docs/benchmarks.md)
+    m.fused_qk = True  # q/k norm + RoPE + gain as Triton kernels in training: x1.078 step speed on an H200
     o = cfg.optim
     o.matrix_lr = 0.025
     o.scalar_lr = 0.025

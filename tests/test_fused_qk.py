@@ -116,6 +116,8 @@ def plain_and_fused(model_cfg, monkeypatch) -> tuple[GPT, GPT]:
             block.attn.q_gain.uniform_(0.5, 2.0)
             block.attn.proj.weight.normal_(0, 0.02)
     fused = GPT(dataclasses.replace(model_cfg, fused_qk=True)).to(DEVICE)
+    assert not any(block.attn.fused_qk for block in fused.blocks)  # a GPT is built for evaluation
+    fused.set_training_kernels(fp8=False, fused_qk=True)  # what pgolf.train does for its steps
     fused.load_state_dict(plain.state_dict())
     return plain, fused
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from pgolf.model.gpt import GPT
 from pgolf.runlog import read_metrics
 from pgolf.train import loop
 from pgolf.train.loop import train_run
@@ -223,6 +224,63 @@ def test_eval_val_tokens_cuts_every_evaluation(wiki_data, tmp_path):
     assert whole["eval"] == {"val_tokens": 1_500, "val_split_tokens": 1_500, "val_subset": False}
     for key in ("prequant_bpb", "sliding_bpb"):
         assert cut["metrics"][key] != pytest.approx(whole["metrics"][key], rel=1e-4), key
+
+
+def test_training_kernels_run_in_the_steps_and_nowhere_after(wiki_data, tmp_path, monkeypatch):
+    """train.fp8 and model.fused_qk: every step's block matrices go through the FP8 matmul and every
+    attention asks for the fused q/k kernels; the validation in the loop (no_grad) runs the plain matmuls,
+    and the model handed to finish_run (evaluation, export) has both off."""
+    import pgolf.model.attention as attention
+    import pgolf.model.layers as layers
+    from pgolf.model.layers import CastedLinear
+
+    calls, real_fp8 = [], layers.fp8_linear
+    monkeypatch.setattr(layers, "fp8_linear", lambda x, w: calls.append(x.shape) or real_fp8(x, w))
+    qk_asks, real_qk = [], attention.qk_prep
+    monkeypatch.setattr(attention, "qk_prep", lambda *a: qk_asks.append(a[-1]) or real_qk(*a))
+    at_finish, real_finish = {}, loop.finish_run
+
+    def finish_spy(cfg, model, *args, **kwargs):
+        at_finish["calls"], at_finish["qk_asks"] = len(calls), list(qk_asks)
+        at_finish["fp8"] = [m.fp8 for m in model.modules() if isinstance(m, CastedLinear)]
+        at_finish["fused_qk"] = [block.attn.fused_qk for block in model.blocks]
+        return real_finish(cfg, model, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "finish_run", finish_spy)
+    cfg = small_cfg(wiki_data, tmp_path, "kernels", max_steps=4, fp8=True, val_every=2)
+    assert cfg.model.fused_qk  # the tiny recipe keeps the record's flag (on a CPU the reference path runs)
+    record = train_run(cfg)
+    blocks = [m for m in GPT(cfg.model).blocks.modules() if isinstance(m, CastedLinear)]
+    assert record["train"]["steps"] == 4 and np.isfinite(record["metrics"]["prequant_bpb"])
+    assert at_finish["calls"] == 4 * len(blocks) == len(calls)  # the steps' forwards only
+    assert at_finish["fp8"] and not any(at_finish["fp8"])
+    assert at_finish["fused_qk"] and not any(at_finish["fused_qk"])
+    steps_asks = 4 * 2 * cfg.model.num_layers  # q and k of every layer, every step
+    assert len(qk_asks) > steps_asks and all(qk_asks[:steps_asks])
+    assert not qk_asks[-1] and not any(qk_asks[len(at_finish["qk_asks"]):])  # the evaluations after the loop
+
+
+def test_eval_precompile_sees_the_evaluation_s_kernels_and_training_gets_its_own_back(monkeypatch):
+    """The warm-up compiles the graphs the evaluation will run: with the training-only kernels off."""
+    import pgolf.eval.warmup as warmup
+    from pgolf.dist import DistEnv
+    from pgolf.recipes import recipe_tiny
+    from pgolf.train.clock import PhaseTimer
+
+    cfg = recipe_tiny()
+    cfg.train.fp8 = True
+    model = loop.build_model(cfg, torch.device("cpu"))
+    seen = {}
+
+    def spy(model, cfg, rank, world_size, final_eval):
+        seen["fused_qk"] = [block.attn.fused_qk for block in model.blocks]
+        seen["fp8"] = [block.mlp.fc.fp8 for block in model.blocks]
+        return warmup.nothing_compiled()
+
+    monkeypatch.setattr(warmup, "warm_configured_eval", spy)
+    loop.precompile_evaluation(model, cfg, True, DistEnv(), PhaseTimer())
+    assert seen["fused_qk"] and not any(seen["fused_qk"]) and not any(seen["fp8"])
+    assert all(block.attn.fused_qk and block.mlp.fc.fp8 for block in model.blocks)
 
 
 def _free_port() -> int:

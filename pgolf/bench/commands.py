@@ -19,6 +19,7 @@ from pgolf.dist import destroy_distributed, dist_env_from_environ, init_distribu
 from pgolf.errors import UserError
 from pgolf.recipes import add_proxy_argument, recipe_config
 from pgolf.runlog import write_json_atomic
+from pgolf.train.loop import set_training_kernels
 
 
 @dataclass
@@ -104,6 +105,7 @@ def run_bench(cfg: RunConfig, opts: BenchOptions) -> dict:
         train, profile, model = bench_train(cfg, denv, opts.steps, opts.warmup, train_files,
                                             recurrence=opts.recurrence, profile=opts.profile_steps,
                                             peak_flops=opts.peak_flops)
+        set_training_kernels(model, cfg, False)  # evaluated as a run's finish does
         evals = bench_eval(model, cfg, denv, opts.eval_tokens, val_files) if opts.eval_tokens > 0 else None
     finally:
         if owned:

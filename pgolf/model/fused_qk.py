@@ -9,6 +9,8 @@ per direction instead reads each row of 64 values once, computes in float32 and 
 Layout: x is (B, T, H, D) with unit stride along D (any strides elsewhere); cos and sin are the (T, R/2)
 float32 tables of Rotary.cos_sin; dimensions past R pass through. The gain is one float32 value per head
 (queries) or None (keys). The kernels run on CUDA when Triton imports; everywhere else the reference runs.
+They serve the training steps only (GPT.set_training_kernels): in the record's evaluation they made the
+scoring forwards and TTT's steps about 20 % slower on an H200 (docs/benchmarks.md, tenth session).
 """
 
 from typing import Optional

@@ -54,8 +54,7 @@ class Block(nn.Module):
         self.layer = layer
         self.norm = RMSNorm()
         self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.attention,
-                                        xsa=layer >= cfg.num_layers - cfg.xsa_last_n, native_gqa=cfg.native_gqa,
-                                        fused_qk=cfg.fused_qk)
+                                        xsa=layer >= cfg.num_layers - cfg.xsa_last_n, native_gqa=cfg.native_gqa)
         self.mlp = BlockMLP(dim, round(cfg.mlp_mult * dim), cfg.mlp_slope)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -171,6 +170,19 @@ class GPT(nn.Module):
         for module in self.blocks.modules():
             if isinstance(module, CastedLinear):
                 module.configure_qat(active, bits, clip_k)
+
+    def set_training_kernels(self, fp8: bool, fused_qk: bool) -> None:
+        """Switch the fast paths that pay off in training steps only: the block matrices' FP8 matmuls
+        (train.fp8, pgolf.model.fp8) and the fused q/k kernels (model.fused_qk, pgolf.model.fused_qk).
+
+        A GPT is built with both off, as every evaluation runs it: on an H200 the fused q/k kernels made the
+        record's sliding + TTT evaluation 21 % slower (docs/benchmarks.md). pgolf.train switches them on for
+        its steps (before compiling them) and off again before calibration and evaluation."""
+        for module in self.blocks.modules():
+            if isinstance(module, CastedLinear):
+                module.fp8 = bool(fp8)
+        for block in self.blocks:
+            block.attn.fused_qk = bool(fused_qk)
 
     @contextlib.contextmanager
     def routed_blocks(self, block_call):

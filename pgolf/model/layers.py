@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pgolf.model.fp8 import fp8_linear, fp8_supported
 from pgolf.quant.formats import fake_quantize_rows
 
 
@@ -16,6 +17,10 @@ class CastedLinear(nn.Linear):
     a compiled model nor lets the compiler fold the QAT branch away; the SDClip k is a buffer too, so the
     trainer can set it when QAT starts (to the k the export will use) without a recompile. The fake-quantized
     weight is therefore computed on every call, also while QAT is off (a few elementwise passes over it).
+
+    FP8 (train.fp8, set by the trainer through `fp8`): while gradients are on, the matmul runs through
+    pgolf.model.fp8 in the autocast dtype (forward and input gradient in e4m3); under no_grad (validation,
+    calibration, scoring) and for operands it does not take, the plain matmul runs.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -24,6 +29,7 @@ class CastedLinear(nn.Linear):
         self.qat_bits = qat_bits
         self.register_buffer("qat_on", torch.zeros(()), persistent=False)
         self.register_buffer("qat_clip_k", torch.tensor(float(qat_clip_k)), persistent=False)
+        self.fp8 = False
 
     @torch.no_grad()
     def configure_qat(self, on: bool, bits: int | None = None, clip_k: float | None = None) -> None:
@@ -43,6 +49,11 @@ class CastedLinear(nn.Linear):
         return torch.where(self.qat_on > 0.5, ste, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8 and self.bias is None and torch.is_grad_enabled():
+            if torch.is_autocast_enabled(x.device.type):
+                x = x.to(torch.get_autocast_dtype(x.device.type))
+            if fp8_supported(x, self.weight):
+                return fp8_linear(x, self.effective_weight().to(x.dtype))
         w = self.effective_weight().to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w, bias)

@@ -88,8 +88,16 @@ def resolve_data_files(cfg: RunConfig) -> tuple[list[Path], list[Path], Path]:
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
-    """The model on its device (fp32 weights; bf16 comes from autocast on CUDA)."""
-    return GPT(cfg.model).to(device)
+    """The model on its device (fp32 weights; bf16 comes from autocast on CUDA), with the training steps'
+    own kernels on (train.fp8, model.fused_qk; set_training_kernels)."""
+    model = GPT(cfg.model).to(device)
+    set_training_kernels(model, cfg, True)
+    return model
+
+
+def set_training_kernels(model, cfg: RunConfig, on: bool) -> None:
+    """The configured training-only kernels on, or every one off (the evaluated and exported model)."""
+    model.set_training_kernels(fp8=on and cfg.train.fp8, fused_qk=on and cfg.model.fused_qk)
 
 
 def compile_for_training(model: torch.nn.Module, cfg: RunConfig):
@@ -233,8 +241,12 @@ def precompile_evaluation(model, cfg: RunConfig, final_eval: bool, denv: DistEnv
     plain pass's always, the sliding and TTT passes' when the run ends with them (final_eval)."""
     from pgolf.eval.warmup import warm_configured_eval
 
-    with timer.phase("compile_warmup_eval"):
-        return warm_configured_eval(model, cfg, denv.rank, denv.world_size, final_eval)
+    set_training_kernels(model, cfg, False)  # the graphs the evaluation will run, after training
+    try:
+        with timer.phase("compile_warmup_eval"):
+            return warm_configured_eval(model, cfg, denv.rank, denv.world_size, final_eval)
+    finally:
+        set_training_kernels(model, cfg, True)
 
 
 def train_run(cfg: RunConfig, resume: str | None = None, clock=None, sinks=(), final_eval: bool = True,
@@ -403,6 +415,7 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
     # --- averaged weights in, then calibration (timed: it counts against the wallclock budget)
     record["train"]["averaged"] = swap_in_averaged(model, ema, swa)
     set_qat_from_config(model, False, cfg.quant)
+    set_training_kernels(model, cfg, False)  # the evaluated and exported model (and its copies) runs plain
     hessians = collect_calibration(model, loader, cfg, device, timer, denv)
 
     # --- pre-quant validation of the float model, float weights saved
