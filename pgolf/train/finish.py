@@ -25,6 +25,9 @@ RECORD_METRIC_KEYS = ("prequant_loss", "prequant_bpb", "roundtrip_loss", "roundt
                       "sliding_bpb", "ttt_loss", "ttt_bpb", "quant_delta")
 RECORD_TIMING_KEYS = ("compile_warmup_s", "compile_warmup_eval_s", "train_loop_s", "calibration_s", "quantize_s",
                       "serialize_s", "eval_plain_s", "eval_sliding_s", "eval_ttt_s")
+# The PhaseTimer phases a run records as timings["<phase>_s"] (quantize_s and serialize_s come from the export).
+TIMER_PHASES = ("compile_warmup", "compile_warmup_eval", "train_loop", "calibration", "eval_plain", "eval_sliding",
+                "eval_ttt", "eval_roundtrip")
 
 
 def new_record(cfg: RunConfig, env: dict, run_dir) -> dict:
@@ -198,16 +201,16 @@ def fill_compliance(cfg: RunConfig, record: dict) -> None:
     print0(format_compliance_table(summary))
 
 
+def timer_timings(timer: PhaseTimer) -> dict:
+    """{"<phase>_s": seconds} of the TIMER_PHASES the timer has run."""
+    r = timer.receipt()
+    return {f"{phase}_s": r[phase] for phase in TIMER_PHASES if phase in r}
+
+
 def fill_timings(record: dict, timer: PhaseTimer) -> None:
     """Copy the timer's receipt into the record's timings and compliance blocks."""
     r = timer.receipt()
-    timings = record["timings"]
-    for phase in ("compile_warmup", "compile_warmup_eval", "train_loop", "calibration", "eval_plain", "eval_sliding",
-                  "eval_ttt"):
-        if phase in r:
-            timings[f"{phase}_s"] = r[phase]
-    if "eval_roundtrip" in r:
-        timings["eval_roundtrip_s"] = r["eval_roundtrip"]
+    record["timings"].update(timer_timings(timer))
     b = record["bytes"]
     if b["artifact"] is not None and b["code"] is not None:
         b["total"] = b["artifact"] + b["code"]

@@ -50,7 +50,7 @@ from pgolf.train.checkpoint import (
     save_checkpoint,
 )
 from pgolf.train.clock import PhaseTimer
-from pgolf.train.finish import evaluate_prequant, finish_run, new_record, run_code_bytes
+from pgolf.train.finish import evaluate_prequant, finish_run, new_record, run_code_bytes, timer_timings
 from pgolf.train.pipeline import IssuedStep, LossReadback
 from pgolf.train.progress import ProgressLine
 from pgolf.train.qat import qat_clip_k, qat_due, set_qat_from_config
@@ -406,7 +406,7 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
     }
     if state.stop_reason == "nan":
         record["status"] = "nan"
-        record["timings"].update(timer_seconds(timer))
+        record["timings"].update(timer_timings(timer))
         if main:
             write_record(run_dir, record)
         writer.close()
@@ -454,11 +454,3 @@ def collect_calibration(model, loader, cfg: RunConfig, device, timer: PhaseTimer
             hessians = collect_hessians(model, batches, passthrough_numel=q.passthrough_numel)
     # collect_hessians already summed over ranks and divided by the global token count
     return {k: v.float().cpu() for k, v in hessians.items()}
-
-
-def timer_seconds(timer: PhaseTimer) -> dict:
-    r = timer.receipt()
-    return {"compile_warmup_s": r.get("compile_warmup"), "compile_warmup_eval_s": r.get("compile_warmup_eval"),
-            "train_loop_s": r.get("train_loop"),
-            "calibration_s": r.get("calibration")}
-
