@@ -1,7 +1,8 @@
 """`pgolf`: the command line. Thin dispatch; each concern registers its own subcommands.
 
 Each concern's `commands.py` exposes `add_<concern>_commands(subparsers)`, which adds parsers whose
-`func(args) -> int` does the work. A UserError is printed as one line and exits with status 2.
+`func(args) -> int` does the work. A UserError is printed as one line and exits with status 2; so is an
+OSError that reaches here (a read-only folder, a full disk), naming its path.
 """
 
 import argparse
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"pgolf: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"pgolf: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pgolf: interrupted", file=sys.stderr)

@@ -172,6 +172,23 @@ def broadcast_text(text: str) -> str:
     return bytes(buf.cpu().tolist()).decode()
 
 
+def all_gather_text(text: str) -> list[str]:
+    """Every rank's string, in rank order, on every rank (UTF-8 bytes padded to the longest; no pickle)."""
+    if not is_dist_active():
+        return [text]
+    device = collective_device()
+    data = text.encode()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=device))
+    longest = max(int(n.item()) for n in sizes)
+    buf = torch.zeros(max(longest, 1), dtype=torch.uint8, device=device)
+    if data:
+        buf[:len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    bufs = [torch.zeros_like(buf) for _ in sizes]
+    dist.all_gather(bufs, buf)
+    return [bytes(b[:int(n.item())].cpu().tolist()).decode() for b, n in zip(bufs, sizes, strict=True)]
+
+
 def barrier() -> None:
     if is_dist_active():
         dist.barrier()

@@ -4,10 +4,11 @@ Layout (docs/architecture.md): runs/<name>/config.json, env.json, metrics.jsonl,
 model.pgq, record.json. Only rank 0 writes; the callers pass `enabled=False` elsewhere.
 """
 
+import contextlib
 import hashlib
 import json
-import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from pathlib import Path
 import torch
 
 from pgolf.config import RunConfig, config_to_dict
+from pgolf.errors import UserError
+from pgolf.fileio import OutputError, atomic_write_text, os_error_text
 
 # sha256 of files already hashed in this process, keyed by (resolved path, size, mtime_ns).
 RUNLOG_HASH_CACHE: dict[tuple[str, int, int], str] = {}
@@ -37,21 +40,67 @@ def file_sha256(path) -> str:
 
 
 def write_json_atomic(path, obj) -> None:
-    """Write obj as indented JSON to path via a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write obj as indented JSON to path atomically (pgolf.fileio: OutputError naming path on failure)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def make_run_dir(cfg: RunConfig) -> Path:
-    """runs/<name>, the name being cfg.name or "<recipe>-<timestamp>"; created if missing."""
-    name = cfg.name or f"{cfg.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.out_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+def read_run_status(run_dir) -> str | None:
+    """The status in run_dir/record.json ("ok", "nan", "failed"), "unreadable", or None without a record."""
+    path = Path(run_dir) / "record.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "unreadable"
+    return str(record.get("status")) if isinstance(record, dict) else "unreadable"
+
+
+def refuse_or_clear_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A named run directory that already holds files: refused, or with overwrite emptied (only a run
+    directory, one with config.json), so that no old record, weights or checkpoint mixes into the new run."""
+    status = read_run_status(run_dir)
+    what = f"a finished run (record.json status {status!r})" if status else "an unfinished run (no record.json)"
+    if not overwrite:
+        hint = "" if status else "; continue it with --resume"
+        raise UserError(f"{run_dir}: already holds {what}{hint}; choose another --name, or pass --overwrite "
+                        f"to replace it")
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir}: not empty and not a run directory (no config.json); --overwrite will not "
+                        f"delete it")
+    try:
+        shutil.rmtree(run_dir)
+        run_dir.mkdir()
+    except OSError as e:
+        raise OutputError(f"{run_dir}: cannot clear for --overwrite ({os_error_text(e)})") from None
+
+
+def make_run_dir(cfg: RunConfig, overwrite: bool = False) -> Path:
+    """runs/<name>, created here. A given cfg.name must not hold another run (refused, or replaced with
+    overwrite); the default name "<recipe>-<timestamp>" gets a "-2", "-3", ... suffix when that folder
+    exists, and the folder is created exclusively, so two runs started in the same second never share one."""
+    out = Path(cfg.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.name:
+            if cfg.name in (".", "..") or Path(cfg.name).name != cfg.name:
+                raise UserError(f"name={cfg.name!r}: a run name is one folder name (no '/', not '.' or '..')")
+            run_dir = out / cfg.name
+            run_dir.mkdir(exist_ok=True)
+            if any(run_dir.iterdir()):
+                refuse_or_clear_run_dir(run_dir, overwrite)
+            return run_dir
+        base = f"{cfg.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in range(1, 10_000):
+            run_dir = out / (base if n == 1 else f"{base}-{n}")
+            try:
+                run_dir.mkdir()
+                return run_dir
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise OutputError(f"{e.filename or out}: cannot create the run directory ({os_error_text(e)})") from None
+    raise UserError(f"{out}: no free run name {base}-N")
 
 
 def git_fingerprint(repo_dir) -> dict:
@@ -111,26 +160,40 @@ def write_record(run_dir, record: dict) -> Path:
 
 
 class MetricsWriter:
-    """Appends one JSON object a line to metrics.jsonl, flushed each line; a no-op when not enabled."""
+    """Appends one JSON object a line to metrics.jsonl, flushed each line; a no-op when not enabled.
+
+    A line that cannot be written (disk full) does not stop the run: one warning, then the file is closed
+    and `error` says why (the run record keeps it)."""
 
     def __init__(self, path, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled
-        self._f = open(self.path, "a") if enabled else None
+        self.error = None
+        try:
+            self._f = open(self.path, "a") if enabled else None  # noqa: SIM115 - closed in close()
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot write ({os_error_text(e)})") from None
         self.sinks = []  # extra callables(line: dict), e.g. TensorBoard / W&B
 
     def write(self, kind: str, **fields) -> None:
         if not self.enabled:
             return
         line = {"kind": kind, **fields}
-        self._f.write(json.dumps(line, default=float) + "\n")
-        self._f.flush()
+        if self._f is not None:
+            try:
+                self._f.write(json.dumps(line, default=float) + "\n")
+                self._f.flush()
+            except OSError as e:
+                self.error = f"{self.path}: cannot write ({os_error_text(e)}); later lines are not in the file"
+                print(f"pgolf: warning: {self.error}", file=sys.stderr)
+                self.close()
         for sink in self.sinks:
             sink(line)
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
+            with contextlib.suppress(OSError):
+                self._f.close()
             self._f = None
 
 

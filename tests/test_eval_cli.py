@@ -59,6 +59,9 @@ def test_eval_prints_and_writes_eval_json(run_dir, capsys):
 
 def test_check_passes_a_real_model_and_fails_a_val_read_in_training(run_dir, capsys):
     run, data = run_dir
+    # the file audit a training run saves: its shard opens by phase (pgolf.train.finish.RunFileAudit)
+    (run / "file_audit.json").write_text(json.dumps([["train", str(data / "fineweb_train_000000.bin")],
+                                                     ["eval", str(data / "fineweb_val_000000.bin")]]))
     assert main(["check", str(run), "--data", str(data), "--tokens", "129", "--method", "ttt"]) == 0
     out = capsys.readouterr().out
     assert out.count("PASS") == 5 and "FAIL  " not in out and "== ttt" in out

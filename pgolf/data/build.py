@@ -21,6 +21,7 @@ import numpy as np
 from pgolf.data.corpus import iter_documents
 from pgolf.data.shards import write_shard
 from pgolf.errors import UserError
+from pgolf.fileio import atomic_write_text
 
 BUILD_BOS_ID = 1
 BUILD_SHARD_TOKENS = 10**8
@@ -183,5 +184,5 @@ def build_split_shards(doc_files, tokenizer_path, val_docs: int, out_dir, worker
         "splits": {s: {"docs": w.docs, "tokens": w.tokens, "files": len(w.files)} for s, w in writers.items()},
         "files": writers["val"].files + writers["train"].files,
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -9,7 +9,8 @@ def add_data_commands(subparsers) -> None:
     data = subparsers.add_parser("data", help="datasets: verify, download, build shards, train tokenizers")
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
 
-    p = sub.add_parser("verify", help="check shard files (header, size, token ids) and print their sha256")
+    p = sub.add_parser("verify", help="check shard files (header, size, token ids, the sha256 a folder's "
+                                      "manifest.json records) and print their sha256")
     p.add_argument("paths", nargs="+", metavar="FILE|DIR", help="shard files or folders of *.bin shards")
     p.add_argument("--vocab-size", type=int, default=None, help="fail if a token id is >= this")
     p.set_defaults(func=cmd_data_verify)
@@ -57,13 +58,21 @@ def _verify_targets(paths) -> list[Path]:
 
 def cmd_data_verify(args) -> int:
     from pgolf.data.build import shard_file_sha256
+    from pgolf.data.manifest import DataManifestError, manifest_shard_hashes
     from pgolf.data.shards import read_shard
 
-    total = 0
+    total, manifests = 0, {}
     for path in _verify_targets(args.paths):
         tokens = read_shard(path, args.vocab_size)
         total += tokens.size
-        print(f"{path.name}  {tokens.size:>12,} tokens  sha256 {shard_file_sha256(path)}")
+        digest = shard_file_sha256(path)
+        print(f"{path.name}  {tokens.size:>12,} tokens  sha256 {digest}")
+        if path.parent not in manifests:
+            manifests[path.parent] = manifest_shard_hashes(path.parent)
+        recorded = manifests[path.parent].get(path.name)
+        if recorded is not None and recorded != digest:
+            raise DataManifestError(f"{path}: sha256 {digest}, but {path.parent / 'manifest.json'} records "
+                                    f"{recorded}")
     print(f"ok: {total:,} tokens")
     return 0
 

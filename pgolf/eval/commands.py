@@ -16,6 +16,7 @@ import torch
 
 from pgolf.config import RunConfig, add_override_argument, apply_overrides, config_from_dict, config_hash
 from pgolf.errors import UserError
+from pgolf.fileio import OutputError, atomic_write_text
 
 
 def eval_resolve_artifact(path: Path) -> Path:
@@ -72,10 +73,12 @@ def eval_load_model(artifact: Path, cfg: RunConfig, device: torch.device):
 
 
 def eval_load_data(cfg: RunConfig, max_tokens: int):
-    """Validation tokens (FILE_AUDIT phase "eval"), the byte LUT, and the val file paths."""
+    """Validation tokens (FILE_AUDIT phase "eval"), the byte LUT, and the data check (the tokenizer against
+    the shards' manifest.json: DataManifestError on a mismatch, a note when there is no manifest)."""
     from pgolf.data.build import load_sentencepiece
     from pgolf.data.bytes import build_byte_luts
     from pgolf.data.loader import load_val_tokens
+    from pgolf.data.manifest import check_data_manifest
     from pgolf.data.shards import FILE_AUDIT, list_shards
     from pgolf.data.tokenizer import resolve_tokenizer_path
 
@@ -84,9 +87,10 @@ def eval_load_data(cfg: RunConfig, max_tokens: int):
         raise UserError(f"data folder {str(folder)!r} does not exist")
     val_files = list_shards(folder, cfg.data.val_pattern)
     tokenizer = resolve_tokenizer_path(cfg.data)
+    data_check = check_data_manifest(folder, tokenizer)
     with FILE_AUDIT.phase("eval"):
         tokens = load_val_tokens(val_files, vocab_size=cfg.model.vocab_size, max_tokens=max_tokens)
-    return tokens, build_byte_luts(load_sentencepiece(tokenizer), cfg.model.vocab_size)
+    return tokens, build_byte_luts(load_sentencepiece(tokenizer), cfg.model.vocab_size), data_check
 
 
 def eval_device(cfg: RunConfig) -> torch.device:
@@ -150,7 +154,9 @@ def eval_and_report(args, artifact: Path, cfg: RunConfig, denv) -> int:
     from pgolf.eval.scoring import load_compiler, scorer_for
     from pgolf.eval.warmup import warm_configured_eval
 
-    tokens, lut = eval_load_data(cfg, args.max_tokens or cfg.eval.val_tokens)
+    tokens, lut, data_check = eval_load_data(cfg, args.max_tokens or cfg.eval.val_tokens)
+    if data_check["note"] and denv.is_main:
+        print(f"warning: {data_check['note']}")
     model = eval_load_model(artifact, cfg, denv.device)
     compiler_import_s = load_compiler(scorer_for(cfg.eval), denv.device)
     warm = warm_configured_eval(model, cfg, denv.rank, denv.world_size)
@@ -170,39 +176,30 @@ def eval_and_report(args, artifact: Path, cfg: RunConfig, denv) -> int:
               "world_size": denv.world_size, "results": results, "setup_compiler_import_s": compiler_import_s,
               "setup_compile_warmup_s": warm["seconds"],
               "timings": {f"eval_{k}_s": v["seconds"] for k, v in results.items()},
-              "seconds": time.perf_counter() - t0}
+              "seconds": time.perf_counter() - t0, "data_manifest": data_check}
     out = Path(args.out) if args.out else artifact.parent / "eval.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    except OutputError as e:  # the table above is the result: say where it could not go, and keep it on stdout
+        print(json.dumps(report))
+        raise OutputError(f"{e}; the results are printed above (the last line is eval.json's content)") from None
     print(f"wrote {out}")
     return 0
 
 
-class RecordedAudit:
-    """A file audit read back from a run directory's file_audit.json: [[phase, path], ...]."""
-
-    def __init__(self, records: list):
-        self.records = [(str(ph), str(p)) for ph, p in records]
-
-    def opened(self, phase: str | None = None) -> list[str]:
-        return [p for ph, p in self.records if phase is None or ph == phase]
-
-
 def check_audit_for(target: Path):
-    """The run's recorded file audit when RUN_DIR/file_audit.json exists, else None."""
+    """(the run's recorded file audit, or None when RUN_DIR/file_audit.json is missing; the run directory)."""
+    from pgolf.eval.legality import FILE_AUDIT_NAME, read_file_audit
+
     run_dir = target if target.is_dir() else target.parent
-    path = run_dir / "file_audit.json"
-    if not path.is_file():
-        return None
-    try:
-        return RecordedAudit(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError):
-        raise UserError(f"{path}: not a list of [phase, path] pairs") from None
+    path = run_dir / FILE_AUDIT_NAME
+    return (read_file_audit(path) if path.is_file() else None), run_dir
 
 
 def cmd_check(args) -> int:
     from pgolf.data.shards import FileAudit
     from pgolf.eval.bpb import evaluate_plain
-    from pgolf.eval.legality import format_check_table, run_legality_checks
+    from pgolf.eval.legality import check_run_audit, format_check_table, run_legality_checks
     from pgolf.eval.scoring import scorer_for
     from pgolf.eval.sliding import evaluate_sliding
     from pgolf.eval.ttt import evaluate_ttt
@@ -213,7 +210,9 @@ def cmd_check(args) -> int:
     e = cfg.eval
     seq_len = args.seq_len or e.seq_len or cfg.train.seq_len
     n_tokens = args.tokens or 4 * seq_len + 1
-    tokens, lut = eval_load_data(cfg, n_tokens)
+    tokens, lut, data_check = eval_load_data(cfg, n_tokens)
+    if data_check["note"]:
+        print(f"warning: {data_check['note']}")
     device = eval_device(cfg)
     state_model = eval_load_model(artifact, cfg, device)
 
@@ -237,13 +236,12 @@ def cmd_check(args) -> int:
         if args.method not in methods:
             raise UserError(f"--method {args.method}: not configured (eval.sliding_stride / eval.ttt)")
         methods = {args.method: methods[args.method]}
-    audit = check_audit_for(target)
-    if audit is None:
-        print(f"note: no file_audit.json beside {artifact}: the val-file check sees only this process")
-        audit = FileAudit()
+    audit, run_dir = check_audit_for(target)
+    audit_row = check_run_audit(audit, cfg.data.val_pattern, run_dir)  # the training's reads, not this process's
     failed = 0
     for name, fn in methods.items():
-        results = run_legality_checks(make_model, tokens, lut, fn, audit=audit, val_pattern=cfg.data.val_pattern)
+        results = run_legality_checks(make_model, tokens, lut, fn, audit=FileAudit(), val_pattern=cfg.data.val_pattern)
+        results = [audit_row if r.name == audit_row.name else r for r in results]
         print(f"== {name} ({tokens.numel()} val tokens, seq_len {seq_len})")
         print(format_check_table(results))
         failed += sum(not r.passed for r in results)

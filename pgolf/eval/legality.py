@@ -10,20 +10,24 @@
 - score_before_update (C3, C4): from the TTT event trace, no update uses a token before it was scored; from
   the trace and the per-token counts, every target is scored exactly once.
 - no_val_in_training: no file matching the validation pattern was opened in the train or calibration phase
-  (pgolf.data.shards.FILE_AUDIT).
+  (pgolf.data.shards.FILE_AUDIT; for a finished run, the audit `pgolf train` saved as RUN_DIR/file_audit.json).
 
 `eval_fn(model, val_tokens, lut, return_per_token=True, inspect=probe) -> dict` with "per_token_nll",
 "per_token_count" and, for TTT, "trace": the real methods take these keywords (bind the rest with a lambda).
 """
 
 import fnmatch
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pgolf.errors import UserError
 from pgolf.eval.bpb import score_token_nll
+
+FILE_AUDIT_NAME = "file_audit.json"  # a run's shard opens, [[phase, path], ...], written by pgolf train
 
 
 @dataclass
@@ -158,6 +162,35 @@ def check_val_not_opened(audit, val_pattern: str, phases=("train", "calibration"
                 return CheckResult("no_val_in_training", False, f"validation file {p} was opened in phase {ph!r}")
     return CheckResult("no_val_in_training", True, f"{total} file opens in {'/'.join(phases)}, none matches "
                                                    f"{val_pattern!r}")
+
+
+class RecordedAudit:
+    """A file audit read back from a run directory's file_audit.json: [[phase, path], ...]."""
+
+    def __init__(self, records: list):
+        self.records = [(str(ph), str(p)) for ph, p in records]
+
+    def opened(self, phase: str | None = None) -> list[str]:
+        return [p for ph, p in self.records if phase is None or ph == phase]
+
+
+def read_file_audit(path) -> RecordedAudit:
+    try:
+        return RecordedAudit(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError):
+        raise UserError(f"{path}: not a list of [phase, path] pairs") from None
+
+
+def check_run_audit(audit: RecordedAudit | None, val_pattern: str, run_dir) -> CheckResult:
+    """no_val_in_training from a run's saved audit: FAIL when there is none, or when it shows no training
+    read at all (then it is not the audit of a training run), else check_val_not_opened."""
+    if audit is None:
+        return CheckResult("no_val_in_training", False, f"no {FILE_AUDIT_NAME} in {run_dir}: which shards the "
+                                                        f"training read is unknown")
+    if not audit.opened("train"):
+        return CheckResult("no_val_in_training", False, f"{Path(run_dir) / FILE_AUDIT_NAME} records no shard "
+                                                        f"read in the train phase")
+    return check_val_not_opened(audit, val_pattern)
 
 
 def run_legality_checks(make_model, val_tokens: torch.Tensor, lut, eval_fn, *, audit=None,

@@ -21,6 +21,7 @@ from pathlib import Path
 from pgolf.config import RunConfig, config_hash, validate_config
 from pgolf.errors import UserError
 from pgolf.export.hyperparams import hyperparameters_section
+from pgolf.fileio import atomic_write_text
 from pgolf.quant.size import wrap_script
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -411,6 +412,6 @@ def export_script(cfg: RunConfig, out_path, compressed="auto", strip_docstrings:
     text = wrapped if use_wrapped else source
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(text, encoding="utf-8")
+    atomic_write_text(out_path, text)
     return {"path": str(out_path), "form": "compressed" if use_wrapped else "plain",
             "bytes": out_path.stat().st_size, "plain_bytes": plain_bytes, "compressed_bytes": wrapped_bytes, **info}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pgolf.errors import UserError
+from pgolf.fileio import atomic_write_bytes
 from pgolf.quant.codecs import AUTO_CODECS, codec_candidates, compress_best, compress_with, decompress_with
 from pgolf.quant.formats import dequantize_rows
 from pgolf.quant.pack import pack_bits, unpack_bits
@@ -155,10 +156,7 @@ def encode_artifact(qm: QuantizedModel, codecs=AUTO_CODECS, plan: dict | None = 
 def write_artifact(quantized: QuantizedModel, path, codecs=AUTO_CODECS, plan: dict | None = None) -> int:
     """Write the artifact atomically; returns the bytes written."""
     blob, _ = encode_artifact(quantized, codecs, plan)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(blob)
-    tmp.replace(path)
+    atomic_write_bytes(path, blob)
     return len(blob)
 
 

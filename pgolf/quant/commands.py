@@ -14,8 +14,9 @@ from pgolf.config import (
     config_to_dict,
 )
 from pgolf.errors import UserError
+from pgolf.fileio import atomic_write_bytes, atomic_write_text, replace_together
 from pgolf.quant.artifact import inspect_artifact
-from pgolf.quant.pipeline import export_state
+from pgolf.quant.pipeline import encode_state
 from pgolf.quant.size import format_size_report
 from pgolf.tensorfile import read_tensors
 
@@ -35,28 +36,39 @@ def run_quant_config(run_dir: Path, overrides: list[str]) -> QuantConfig:
     return apply_overrides(cfg, overrides).quant
 
 
-def cmd_quant(args) -> int:
-    run_dir = Path(args.run_dir)
-    weights = run_dir / "model.pgw"
-    if not weights.exists():
-        raise UserError(f"{weights}: not found (is {run_dir} a finished run directory?)")
-    cfg = run_quant_config(run_dir, args.overrides)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # GPTQ runs where the tensors are
-    state = {k: v.to(device) for k, v in read_tensors(weights)[0].items()}
-    hessian_path = run_dir / "hessians.pgw"
-    hessians = read_tensors(hessian_path)[0] if hessian_path.exists() else None
-    if hessians is not None:
-        hessians = {k: v.to(device) for k, v in hessians.items()}
-    if hessians is None and cfg.method == "gptq":
-        print(f"note: {hessian_path} not found; every matrix falls back to round-to-nearest")
-    code_bytes = args.code_bytes
-    if code_bytes is None:
-        record = run_dir / "record.json"
-        code_bytes = 0
-        if record.exists():
-            code_bytes = (json.loads(record.read_text()).get("bytes") or {}).get("code") or 0
-    out = Path(args.out) if args.out else run_dir / "model.pgq"
-    report = export_state(state, hessians, cfg, out, code_bytes)
+def quant_read_run_record(run_dir: Path) -> dict | None:
+    path = run_dir / "record.json"
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"{path}: not valid JSON") from None
+    return record if isinstance(record, dict) else None
+
+
+def requantized_record(record: dict, report: dict, cfg: QuantConfig) -> dict:
+    """The run record describing the new model.pgq: its bytes, timings and quant settings; the metrics of
+    the old artifact (round trip, sliding, TTT) become null (`pgolf eval RUN_DIR` scores the new one)."""
+    record = json.loads(json.dumps(record))
+    b = report["bytes"]
+    record.setdefault("bytes", {}).update(code=b["code"], artifact=b["artifact"], total=b["total"], cap=b["cap"])
+    record.setdefault("compliance", {})["bytes_total"] = b["total"]
+    record.setdefault("timings", {}).update(quantize_s=report["timings"]["quantize_s"],
+                                            serialize_s=report["timings"]["serialize_s"])
+    metrics = record.setdefault("metrics", {})
+    for key in ("roundtrip_loss", "roundtrip_bpb", "sliding_loss", "sliding_bpb", "ttt_loss", "ttt_bpb",
+                "quant_delta"):
+        metrics[key] = None
+    record["quant"] = {"warnings": report["warnings"], "fit": report["fit"], "fit_k": report["fit_k"],
+                       "matrix_k": report["matrix_k"], "fit_k_s": report["timings"].get("fit_k_s"),
+                       "sections": report["sections"], "requantized": config_to_dict(cfg)}
+    if isinstance(record.get("config"), dict):
+        record["config"]["quant"] = config_to_dict(cfg)
+    return record
+
+
+def print_quant_report(report: dict) -> None:
     for line in report["warnings"]:
         print(f"warning: {line}")
     for method, reason in report["skipped_codecs"].items():
@@ -71,12 +83,52 @@ def cmd_quant(args) -> int:
         k = report["fit_k"]
         print(f"matrix SDClip k = {k['k']:.3f} (chosen to fill the budget: {k['entropy_bits_per_value']:.3f} "
               f"bits/value of entropy, codec ratio {k['ratio']:.4f}, {report['timings']['fit_k_s']:.1f}s)")
-    print(f"wrote {out} (quantize {report['timings']['quantize_s']:.1f}s, "
-          f"serialize {report['timings']['serialize_s']:.1f}s)")
+
+
+def cmd_quant(args) -> int:
+    """Re-quantize RUN_DIR/model.pgw. The run's own model.pgq is replaced, together with record.json, only
+    when the new artifact fits the cap; an --out elsewhere is written either way."""
+    run_dir = Path(args.run_dir)
+    weights = run_dir / "model.pgw"
+    if not weights.exists():
+        raise UserError(f"{weights}: not found (is {run_dir} a finished run directory?)")
+    cfg = run_quant_config(run_dir, args.overrides)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # GPTQ runs where the tensors are
+    state = {k: v.to(device) for k, v in read_tensors(weights)[0].items()}
+    hessian_path = run_dir / "hessians.pgw"
+    hessians = read_tensors(hessian_path)[0] if hessian_path.exists() else None
+    if hessians is not None:
+        hessians = {k: v.to(device) for k, v in hessians.items()}
+    if hessians is None and cfg.method == "gptq":
+        print(f"note: {hessian_path} not found; every matrix falls back to round-to-nearest")
+    record = quant_read_run_record(run_dir)
+    code_bytes = args.code_bytes
+    if code_bytes is None:
+        code_bytes = ((record or {}).get("bytes") or {}).get("code") or 0
+    run_artifact = run_dir / "model.pgq"
+    out = Path(args.out) if args.out else run_artifact
+    own = out.resolve() == run_artifact.resolve()
+    report, blob = encode_state(state, hessians, cfg, code_bytes)
+    print_quant_report(report)
+    fits = report["bytes"]["fits"]
+    if own and not fits:
+        print(f"not written: the new artifact is over the cap by {-report['bytes']['headroom']:,} B; "
+              f"{out}{' and record.json are' if record else ' is'} unchanged")
+    elif own and record is not None:
+        new_record = requantized_record(record, report, cfg)
+        replace_together([(out, blob), (run_dir / "record.json",
+                                        (json.dumps(new_record, indent=2, default=str) + "\n").encode())])
+    else:
+        atomic_write_bytes(out, blob)
+    if fits or not own:
+        print(f"wrote {out} (quantize {report['timings']['quantize_s']:.1f}s, "
+              f"serialize {report['timings']['serialize_s']:.1f}s)" + ("; record.json updated, its round-trip "
+              "metrics cleared (pgolf eval scores the new artifact)" if own and record is not None else ""))
     print(format_size_report(report["bytes"]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": config_to_dict(cfg), **report}, indent=1, default=str))
-    return 0 if report["bytes"]["fits"] else 1
+        report["path"] = str(out) if fits or not own else None
+        atomic_write_text(args.json, json.dumps({"config": config_to_dict(cfg), **report}, indent=1, default=str))
+    return 0 if fits else 1
 
 
 def cmd_artifact_inspect(args) -> int:

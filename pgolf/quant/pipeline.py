@@ -3,12 +3,12 @@
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import torch
 
 from pgolf.dist import cuda_sync
 from pgolf.errors import UserError
+from pgolf.fileio import atomic_write_bytes
 from pgolf.quant.artifact import QuantizedModel, QuantTensor, choose_section, encode_artifact, section_streams
 from pgolf.quant.codecs import AUTO_CODECS, codec_candidates
 from pgolf.quant.fit import choose_k, entropy_bytes, section_ratio, value_counts
@@ -123,7 +123,15 @@ def search_matrix_k(state: dict[str, torch.Tensor], cfg, budget: int, codecs, ra
 
 
 def export_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, path, code_bytes: int) -> dict:
-    """Quantize, fit to the byte budget if asked, compress and write the artifact; returns the export report.
+    """Quantize, fit to the byte budget if asked, compress and write the artifact (atomically, whether it
+    fits or not); returns the export report (encode_state's)."""
+    report, blob = encode_state(state, hessians, cfg, code_bytes)
+    atomic_write_bytes(path, blob)
+    return {**report, "path": str(path)}
+
+
+def encode_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, code_bytes: int) -> tuple[dict, bytes]:
+    """(the export report, the artifact's bytes): quantize, fit to the byte budget if asked, compress.
 
     With cfg.fit_k the matrices' SDClip k is searched so that the artifact fills the budget less the margin;
     when the real size is over the budget, or under it by more than three margins, k is searched once more
@@ -170,16 +178,11 @@ def export_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, pat
             blob, sections = encode_artifact(qm, codecs, plan)
         except UserError as e:  # cannot fit: keep the artifact, the size report says it is over the cap
             fit = {"fitted": False, "reason": str(e)}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(blob)
-    tmp.replace(path)
-
     tensors = [{"name": n, "kind": t.kind, "shape": list(t.shape), "bits": t.bits, **t.info}
                for n, t in qm.tensors.items()]
-    return {"bytes": size_report(code_bytes, len(blob), cfg.size_cap), "path": str(path), "tensors": tensors,
+    return {"bytes": size_report(code_bytes, len(blob), cfg.size_cap), "path": None, "tensors": tensors,
             "sections": sections, "skipped_codecs": skipped, "fit": fit, "fit_k": fit_k,
-            "matrix_k": qm.meta["matrix_k"], "warnings": quant_warnings(qm), "timings": timings}
+            "matrix_k": qm.meta["matrix_k"], "warnings": quant_warnings(qm), "timings": timings}, blob
 
 
 def section_bytes(sections: list[dict], name: str) -> int:

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder run_dir/checkpoint/step_<step:07d>/ with one file per rank, rank_<r>.pgw (the
 optimizer and the loader may be sharded across ranks, so each rank keeps its own), and a `complete` marker
-that rank 0 writes once every rank's file is in place. Each file is written to a temporary name and renamed.
+that rank 0 writes once every rank's file is in place. Each file is written to a temporary name, fsynced and
+renamed (pgolf.fileio), and carries checksums (pgolf.tensorfile): a damaged checkpoint is refused, naming it.
 
 Nested state (optimizer state dicts, loader state) is flattened: tensor leaves go into the tensor file under
 a path name, everything else stays in the JSON meta as a skeleton that points at those names.
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from pgolf.errors import UserError
+from pgolf.fileio import atomic_write_text
 from pgolf.tensorfile import read_tensors, write_tensors
 
 CHECKPOINT_DIRNAME = "checkpoint"
@@ -105,7 +107,7 @@ def mark_checkpoint_complete(folder, world_size: int, keep_last: int = 2) -> Non
     missing = [r for r in range(world_size) if not (folder / f"rank_{r}.pgw").is_file()]
     if missing:
         raise UserError(f"{folder}: checkpoint files of ranks {missing} are missing")
-    (folder / CHECKPOINT_MARKER).write_text(f"{world_size}\n")
+    atomic_write_text(folder / CHECKPOINT_MARKER, f"{world_size}\n")
     complete = list_checkpoints(folder.parent.parent)
     for old in complete[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -6,8 +6,9 @@ from pgolf.config import add_override_argument, apply_overrides
 from pgolf.dist import dist_env_from_environ
 from pgolf.errors import UserError
 from pgolf.recipes import add_proxy_argument, recipe_config
-from pgolf.train.loop import load_run_config, train_run
+from pgolf.train.loop import train_run
 from pgolf.train.progress import tensorboard_sink, wandb_sink
+from pgolf.train.rundir import load_run_config
 
 
 def add_train_commands(subparsers) -> None:
@@ -24,6 +25,8 @@ def add_train_commands(subparsers) -> None:
     p.add_argument("--name", help="run directory name (default: recipe-timestamp)")
     p.add_argument("--out", help="folder that holds run directories (default: runs)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --name (or --resume) replace a run that already holds files, a finished one too")
     p.add_argument("--no-quant", action="store_true", help="skip quantization and the artifact")
     p.add_argument("--no-eval", action="store_true", help="skip the sliding-window and TTT evaluations")
     p.add_argument("--tensorboard", metavar="DIR", help="also log metrics to TensorBoard in DIR")
@@ -37,6 +40,8 @@ def build_train_config(args):
         cfg = load_run_config(args.resume)
         if args.overrides:
             raise UserError("--set cannot change a resumed run; its config.json is fixed")
+        if args.no_quant:
+            cfg.quant.enabled = False
         return cfg
     if not args.recipe:
         raise UserError("pgolf train needs --recipe (or --resume RUN_DIR)")
@@ -64,7 +69,7 @@ def cmd_train(args) -> int:
         sinks.append(tensorboard_sink(Path(args.tensorboard)))
     if is_rank0 and args.wandb:
         sinks.append(wandb_sink(args.wandb, cfg.name or cfg.recipe, {"recipe": cfg.recipe}))
-    record = train_run(cfg, resume=args.resume, sinks=sinks, final_eval=not args.no_eval)
+    record = train_run(cfg, resume=args.resume, sinks=sinks, final_eval=not args.no_eval, overwrite=args.overwrite)
     status = record.get("status")
     if status != "ok":
         print(f"pgolf: run ended with status {status!r} ({record['train'].get('stop_reason')})")

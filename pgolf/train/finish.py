@@ -6,6 +6,8 @@ module is in the package and the config enables it; a metric that was not comput
 
 import copy
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import torch
@@ -13,12 +15,13 @@ import torch
 from pgolf.config import RunConfig, config_hash, config_to_dict
 from pgolf.data.loader import load_val_tokens
 from pgolf.data.shards import FILE_AUDIT, resolve_shard_files, shard_token_count
-from pgolf.dist import DistEnv, barrier, print0
+from pgolf.dist import DistEnv, all_gather_text, barrier, print0
 from pgolf.eval.bpb import evaluate_plain
-from pgolf.eval.legality import check_val_not_opened
+from pgolf.eval.legality import FILE_AUDIT_NAME, check_val_not_opened, read_file_audit
 from pgolf.eval.receipts import compliance_summary, format_compliance_table, format_timing_receipt
 from pgolf.eval.scoring import scorer_for
-from pgolf.runlog import write_record
+from pgolf.fileio import OutputError
+from pgolf.runlog import write_json_atomic, write_record
 from pgolf.train.clock import PhaseTimer
 
 RECORD_METRIC_KEYS = ("prequant_loss", "prequant_bpb", "roundtrip_loss", "roundtrip_bpb", "sliding_loss",
@@ -43,6 +46,50 @@ def new_record(cfg: RunConfig, env: dict, run_dir) -> dict:
         "eval": {"val_tokens": None, "val_split_tokens": None, "val_subset": None},
         "compliance": {"train_plus_calibration_s": None, "eval_s": None, "bytes_total": None, "legality": {}},
     }
+
+
+class RunFileAudit:
+    """The shard opens of one run: FILE_AUDIT's records since the run began (every rank's, gathered when
+    saved), after those a resumed run's earlier processes saved in RUN_DIR/file_audit.json. `pgolf check`
+    reads that file; `save` is collective (every rank calls it), `save(gather=False)` this rank's alone."""
+
+    def __init__(self, run_dir, resume: bool):
+        self.path = Path(run_dir) / FILE_AUDIT_NAME
+        self.start = len(FILE_AUDIT.records())
+        self.prior = read_file_audit(self.path).records if resume and self.path.is_file() else []
+
+    def records(self, gather: bool = True) -> list[tuple[str, str]]:
+        own = FILE_AUDIT.records()[self.start:]
+        ranks = [json.loads(t) for t in all_gather_text(json.dumps(own))] if gather else [own]
+        seen: dict[tuple[str, str], None] = {}
+        for rec in self.prior + [tuple(r) for rank in ranks for r in rank]:
+            seen.setdefault((str(rec[0]), str(rec[1])), None)
+        return list(seen)
+
+    def opened(self, phase: str | None = None) -> list[str]:
+        return [p for ph, p in self.records(gather=False) if phase is None or ph == phase]
+
+    def save(self, is_main: bool, gather: bool = True) -> None:
+        records = self.records(gather)
+        if is_main:
+            write_json_atomic(self.path, [list(r) for r in records])
+
+
+def save_failed_run(run_dir, record: dict, audit: RunFileAudit | None, error: BaseException) -> None:
+    """After an exception in a run: record.json with status "failed" and the error, and the file audit (this
+    rank's), written where possible; what cannot be written goes to stderr, so no computed number is lost."""
+    record["status"] = "failed"
+    record["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    try:
+        if audit is not None:
+            audit.save(True, gather=False)
+        write_record(run_dir, record)
+        print(f"pgolf: run {run_dir} failed; its record (status 'failed') is in {Path(run_dir) / 'record.json'}",
+              file=sys.stderr)
+    except OutputError as e:
+        print(f"pgolf: {e}; the run record follows:", file=sys.stderr)
+        print(json.dumps({k: record.get(k) for k in ("run_id", "status", "error", "train", "metrics", "bytes",
+                                                     "timings")}, default=str), file=sys.stderr)
 
 
 def module_exists(name: str) -> bool:
@@ -143,7 +190,7 @@ def quantize_and_roundtrip(cfg: RunConfig, model, hessians: dict, run_dir: Path,
 
 def finish_run(cfg: RunConfig, model, hessians: dict, run_dir, env: dict, timer: PhaseTimer, record: dict,
                *, denv=None, val_files=None, tokenizer_path=None, val_cache=None, final_eval: bool = True,
-               code_bytes: int | None = None) -> dict:
+               code_bytes: int | None = None, audit: RunFileAudit | None = None) -> dict:
     """Quantize (when cfg.quant.enabled and the quant pipeline exists), evaluate the round-tripped model
     (plain, sliding, TTT as configured), fill record metrics / bytes / timings / compliance, write record.json."""
     denv = denv or DistEnv()
@@ -179,19 +226,22 @@ def finish_run(cfg: RunConfig, model, hessians: dict, run_dir, env: dict, timer:
         metrics["ttt_loss"], metrics["ttt_bpb"] = res["val_loss"], res["val_bpb"]
     fill_eval_scope(record, val_cache)
     fill_timings(record, timer)
-    fill_compliance(cfg, record)
+    fill_compliance(cfg, record, audit)
+    if audit is not None:
+        audit.save(denv.is_main)
     record["status"] = "ok"
     if denv.is_main:
         write_record(run_dir, record)
     return record
 
 
-def fill_compliance(cfg: RunConfig, record: dict) -> None:
-    """The compliance summary (budgets, bytes, the file-audit legality check) into the record; printed on rank 0.
+def fill_compliance(cfg: RunConfig, record: dict, audit=None) -> None:
+    """The compliance summary (budgets, bytes, the file-audit legality check on `audit`, by default every
+    FILE_AUDIT record of this process) into the record; printed on rank 0.
 
     The causality, normalization and score-before-update checks need extra forward passes: `pgolf check`
     runs them on a finished run."""
-    audit = check_val_not_opened(FILE_AUDIT, cfg.data.val_pattern)
+    audit = check_val_not_opened(FILE_AUDIT if audit is None else audit, cfg.data.val_pattern)
     total = record["bytes"]["total"]
     summary = compliance_summary(record["timings"], total if total is not None else 0, [audit],
                                  train_cap_s=cfg.train.wallclock_s or 600.0, eval_cap_s=cfg.eval.time_budget_s,

@@ -11,7 +11,6 @@ one step ahead (pgolf.train.pipeline): those numbers are the last finished step'
 """
 
 import contextlib
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.config import RunConfig, config_from_dict, config_hash, validate_config
+from pgolf.config import RunConfig, config_hash, validate_config
 from pgolf.data.loader import TrainTokenStream
+from pgolf.data.manifest import check_data_manifest
 from pgolf.data.shards import FILE_AUDIT, list_shards
 from pgolf.data.tokenizer import resolve_tokenizer_path
 from pgolf.dist import (
@@ -29,16 +29,16 @@ from pgolf.dist import (
     all_reduce_max_many,
     all_reduce_mean,
     barrier,
-    broadcast_text,
     destroy_distributed,
     init_distributed,
     is_dist_active,
+    print0,
 )
 from pgolf.errors import UserError
 from pgolf.model.gpt import GPT
 from pgolf.optim.builder import broadcast_parameters, build_optimizers
 from pgolf.optim.schedules import lr_scale, muon_momentum_at
-from pgolf.runlog import MetricsWriter, env_fingerprint, make_run_dir, write_record, write_run_header
+from pgolf.runlog import MetricsWriter, env_fingerprint, write_record, write_run_header
 from pgolf.tensorfile import write_tensors
 from pgolf.train.averaging import build_averagers, swap_in_averaged
 from pgolf.train.checkpoint import (
@@ -50,10 +50,19 @@ from pgolf.train.checkpoint import (
     save_checkpoint,
 )
 from pgolf.train.clock import PhaseTimer
-from pgolf.train.finish import evaluate_prequant, finish_run, new_record, run_code_bytes, timer_timings
+from pgolf.train.finish import (
+    RunFileAudit,
+    evaluate_prequant,
+    finish_run,
+    new_record,
+    run_code_bytes,
+    save_failed_run,
+    timer_timings,
+)
 from pgolf.train.pipeline import IssuedStep, LossReadback
 from pgolf.train.progress import ProgressLine
 from pgolf.train.qat import qat_clip_k, qat_due, set_qat_from_config
+from pgolf.train.rundir import open_run_dir
 
 
 @dataclass
@@ -176,25 +185,6 @@ def compile_warmup(step_model, model, opt, loader, cfg: RunConfig, device: torch
         train_step(step_model, opt, loader, cfg, device)
 
 
-def open_run_dir(cfg: RunConfig, resume: str | None, denv: DistEnv) -> Path:
-    if resume:
-        run_dir = Path(resume)
-        if not (run_dir / "config.json").is_file():
-            raise UserError(f"--resume {resume}: not a run directory (no config.json)")
-        return run_dir
-    name = make_run_dir(cfg).name if denv.is_main else ""
-    name = broadcast_text(name)
-    return Path(cfg.out_dir) / name
-
-
-def load_run_config(run_dir) -> RunConfig:
-    """The resolved RunConfig saved in a run directory (for --resume)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{run_dir}: not a run directory (no config.json)")
-    return config_from_dict(json.loads(path.read_text()))
-
-
 def checkpoint_now(run_dir, state: TrainState, model, opt, loader, ema, swa, denv: DistEnv) -> None:
     averagers = {}
     if ema is not None:
@@ -250,38 +240,52 @@ def precompile_evaluation(model, cfg: RunConfig, final_eval: bool, denv: DistEnv
 
 
 def train_run(cfg: RunConfig, resume: str | None = None, clock=None, sinks=(), final_eval: bool = True,
-              code_bytes: int | None = None) -> dict:
+              code_bytes: int | None = None, overwrite: bool = False) -> dict:
     """Train one run and write its run directory; returns the run record (status "ok" or "nan").
 
     `clock` replaces time.perf_counter (tests); `sinks` get every metrics line; final_eval=False skips the
     sliding-window and TTT evaluations; code_bytes is the submission script's size when the exported
-    script runs itself (None: generate the script into the run directory when pgolf.export is there)."""
+    script runs itself (None: generate the script into the run directory when pgolf.export is there);
+    overwrite lets a new run (or a resume) replace a finished run of the same name. When the run fails
+    after its directory exists, record.json says so (status "failed", the error) before the error goes on."""
     validate_config(cfg)
     owned = not is_dist_active()
     denv = init_distributed(cfg.train.device)
+    run: dict = {}  # run_dir, record and audit once they exist, for the failure record
     try:
-        return _train_run(cfg, resume, denv, clock or time.perf_counter, sinks, final_eval, code_bytes)
+        return _train_run(cfg, resume, denv, clock or time.perf_counter, sinks, final_eval, code_bytes,
+                          overwrite, run)
+    except (Exception, KeyboardInterrupt) as e:
+        if "record" in run and denv.is_main:
+            save_failed_run(run["run_dir"], run["record"], run["audit"], e)
+        raise
     finally:
         if owned:
             destroy_distributed()
 
 
 def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, final_eval: bool,
-               code_bytes: int | None) -> dict:
+               code_bytes: int | None, overwrite: bool, run: dict) -> dict:
     t, device, main = cfg.train, denv.device, denv.is_main
     timer = PhaseTimer(clock=clock)
     seqs_per_micro = micro_batch_seqs(cfg, denv.world_size)
 
     # --- run directory, fingerprint (hashing happens here, outside every timed phase)
     train_files, val_files, tokenizer_path = resolve_data_files(cfg)
-    run_dir = open_run_dir(cfg, resume, denv)
+    data_check = check_data_manifest(cfg.data.path, tokenizer_path)  # refuses shards of another tokenizer
+    run_dir = open_run_dir(cfg, resume, denv, overwrite)
+    audit = RunFileAudit(run_dir, bool(resume))
     env = env_fingerprint(train_files, val_files, tokenizer_path) if main else {}
+    env["data_manifest"] = data_check
     if main and not resume:
         write_run_header(run_dir, cfg, env)
+    if data_check["note"]:
+        print0(f"warning: {data_check['note']}")
     writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=main)
     writer.sinks.extend(sinks)
     progress = ProgressLine(enabled=main, every=t.log_every)
     record = new_record(cfg, env, run_dir)
+    run.update(run_dir=run_dir, record=record, audit=audit)
     if cfg.quant.enabled:  # the script's bytes are part of the budget the quantizer fills
         code_bytes = run_code_bytes(cfg, run_dir, code_bytes, main)
 
@@ -394,6 +398,7 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
         if checkpoint_due:
             with timer.paused("train_loop"):
                 checkpoint_now(run_dir, state, model, opt, loader, ema, swa, denv)
+                audit.save(main)  # a killed run's reads stay on record; its resume appends to them
             state.last_checkpoint_s = state.elapsed_s
     timer.stop("train_loop")
     progress.end()
@@ -404,9 +409,12 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
         "stop_reason": state.stop_reason, "params": n_params,
         "qat_clip_k": state.qat_clip_k if state.qat_on else None,
     }
+    if writer.error:
+        record["metrics_error"] = writer.error
     if state.stop_reason == "nan":
         record["status"] = "nan"
         record["timings"].update(timer_timings(timer))
+        audit.save(main)
         if main:
             write_record(run_dir, record)
         writer.close()
@@ -432,7 +440,7 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
             write_tensors(run_dir / "hessians.pgw", hessians, {"batches": cfg.quant.calib_batches})
     record = finish_run(cfg, model, hessians, run_dir, env, timer, record, denv=denv,
                         val_files=val_files, tokenizer_path=tokenizer_path, val_cache=val_cache,
-                        final_eval=final_eval, code_bytes=code_bytes)
+                        final_eval=final_eval, code_bytes=code_bytes, audit=audit)
     writer.close()
     return record
 
