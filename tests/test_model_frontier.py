@@ -369,12 +369,25 @@ def test_lane_blocks_must_be_the_decoder_tail():
     GPT(frontier_cfg(parallel_lanes_from=0, recur_loops=0, unet_skips=False))  # no skips: any tail
 
 
-def test_eval_cli_loads_a_looped_model_with_its_loops_on(tmp_path):
+def test_artifact_keeps_the_gates_as_fp16_and_pgolf_eval_loads_it_looped(tmp_path):
+    """Through the real export (matrices rtn-quantized, passthrough small): the gates and lane factors come
+    back as their fp16 values, and pgolf eval's loader switches the loops on (training ends with them on)."""
     from pgolf.eval.commands import eval_load_model
-    from pgolf.tensorfile import write_tensors
+    from pgolf.quant.artifact import write_artifact
+    from pgolf.quant.pipeline import quantize_state
 
     cfg = get_recipe("tiny")
     cfg.model = frontier_cfg(**ALL_ON)
-    path = tmp_path / "model.pgw"
-    write_tensors(path, build(cfg.model).state_dict(), {})
-    assert eval_load_model(path, cfg, torch.device("cpu")).recurrence_active
+    model = perturb(build(cfg.model, recurrence=False))
+    qcfg = dataclasses.replace(QuantConfig(), method="rtn", passthrough_numel=256)
+    qm = quantize_state(model.state_dict(), None, qcfg)
+    assert qm.tensors["blocks.0.attn.c_q.weight"].kind == "matrix"
+    path = tmp_path / "model.pgq"
+    write_artifact(qm, path)
+    loaded = eval_load_model(path, cfg, torch.device("cpu"))
+    assert loaded.recurrence_active
+    for name, p in model.named_parameters():
+        if "attn_gate_w" in name or "lane_" in name or "smear_v2" in name:
+            got = dict(loaded.named_parameters())[name]
+            assert qm.tensors[name].kind == "passthrough" and got.dtype == torch.float32, name
+            assert torch.equal(got, p.detach().half().float()), name
