@@ -257,7 +257,8 @@ class GPT(nn.Module):
             self.block_call = previous
 
     def embed_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """x0, the input of the first block: embedding (+ bigram) in model.residual_dtype, RMSNorm, SmearGate.
+        """x0, the input of the first block: embedding (+ bigram) in model.residual_dtype, SmearGate v2 (before
+        the norm), RMSNorm, SmearGate.
 
         The residual stream keeps that dtype through the blocks (their scales and mixes are cast to it). With
         float32 (the default) every elementwise pass over it moves 4 bytes a value; bfloat16 halves that, as
