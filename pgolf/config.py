@@ -62,6 +62,12 @@ class ModelConfig:
     # q/k RMSNorm + RoPE + q gain as one Triton kernel per direction on CUDA (fused_qk.py), in the training
     # steps only: evaluation runs the plain path, faster there (GPT.set_training_kernels)
     fused_qk: bool = False
+    # the frontier's model changes (shared/reference/frontier.md §3), each off by default
+    smear_gate_v2: bool = False  # SmearGate v2: e_t += lam*sigmoid(w.e_t[:gate_window])*e_{t-1} before the input norm
+    sparse_attn_gate: bool = False  # per-head output gate sigmoid(scale * W_h . n_t[:gate_window]) after XSA
+    sparse_attn_gate_scale: float = 0.5  # the sparse gate's logit scale
+    gate_window: int = 12  # leading input dims read by smear_gate_v2 and sparse_attn_gate
+    parallel_lanes_from: int = -1  # two-lane parallel residual (attention and MLP lanes) from this layer on; -1 = off
 
 
 @dataclass
@@ -285,6 +291,12 @@ def validate_config(cfg: RunConfig) -> None:
          f"model.residual_dtype={m.residual_dtype!r} is not float32|bfloat16"),
         (not (m.native_gqa and m.attention == "efficient"),
          "model.native_gqa needs a kernel that reads unexpanded K/V: model.attention=efficient has none"),
+        (1 <= m.gate_window <= m.model_dim, f"model.gate_window={m.gate_window} must be in 1..model_dim"),
+        (not (m.smear_gate and m.smear_gate_v2), "model.smear_gate and model.smear_gate_v2: choose one"),
+        (-1 <= m.parallel_lanes_from < m.num_layers,
+         f"model.parallel_lanes_from={m.parallel_lanes_from} must be -1 (off) or a layer index"),
+        (m.parallel_lanes_from < 0 or m.parallel_resid_from < 0,
+         "model.parallel_lanes_from and model.parallel_resid_from: choose one parallel residual"),
         (t.batch_tokens % t.seq_len == 0, "train.batch_tokens must be a multiple of train.seq_len"),
         (t.compile_mode in COMPILE_MODES,
          f"train.compile_mode={t.compile_mode!r} is not one of {'|'.join(COMPILE_MODES)}"),

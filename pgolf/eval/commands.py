@@ -64,6 +64,7 @@ def eval_load_model(artifact: Path, cfg: RunConfig, device: torch.device):
 
         state = read_tensors(artifact)[0]
     model = GPT(cfg.model)
+    model.set_recurrence(cfg.model.recur_loops > 0)  # training ends with the loops on (model.recur_start_frac)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

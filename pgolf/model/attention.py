@@ -99,7 +99,8 @@ class CausalSelfAttention(nn.Module):
     norm, RoPE and gain run as one Triton kernel per direction on CUDA (pgolf.model.fused_qk)."""
 
     def __init__(self, model_dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float,
-                 attention: str = "auto", xsa: bool = False, native_gqa: bool = False, fused_qk: bool = False):
+                 attention: str = "auto", xsa: bool = False, native_gqa: bool = False, fused_qk: bool = False,
+                 gate_window: int = 0, gate_scale: float = 0.5):
         super().__init__()
         if attention not in SDPA_BACKENDS:
             raise UserError(f"model.attention={attention!r} is not one of {'|'.join(SDPA_BACKENDS)}")
@@ -120,6 +121,10 @@ class CausalSelfAttention(nn.Module):
         self.sdpa_backends = SDPA_BACKENDS[attention]
         self.native_gqa = native_gqa
         self.fused_qk = fused_qk
+        # model.sparse_attn_gate (gate_window > 0): (H, window), zero-init, so every head starts at 0.5
+        self.gate_window = gate_window
+        self.gate_scale = float(gate_scale)
+        self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, gate_window)) if gate_window > 0 else None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The fast causal attention for this device and dtype; (B, T, H, D) in and out (q may hold only the
@@ -148,4 +153,14 @@ class CausalSelfAttention(nn.Module):
         y = self.attend(q, k, v)
         if self.xsa:
             y = xsa_project_out(y, v[:, t - tq:])
+        if self.attn_gate_w is not None:
+            y = self.gate_heads(y, x[:, t - tq:])
         return self.proj(y.reshape(b, tq, -1))
+
+    def gate_heads(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The sparse output gate (frontier.md §3.2): head h of y_t times sigmoid(scale * W_h . x_t[:window]),
+        x the attention's input at the query positions (the block's normed input). Applied in forward, after
+        XSA, so that every path through the attention (training, scoring with keep, fused q/k, TTT) has it."""
+        logits = F.linear(x[..., : self.gate_window], self.attn_gate_w.to(x.dtype))
+        g = torch.sigmoid(self.gate_scale * logits)
+        return y * g.to(y.dtype).unsqueeze(-1)

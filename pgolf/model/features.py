@@ -1,6 +1,7 @@
-"""Input-side features: SmearGate (BOS-masked), BigramHash and the shared value embedding."""
+"""Input-side features: SmearGate and SmearGate v2 (both BOS-masked), BigramHash and the shared value embedding."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pgolf.model.layers import CastedLinear
@@ -33,6 +34,30 @@ class SmearGate(nn.Module):
         s = torch.sigmoid(self.gate).to(x.dtype)
         smeared = x + s * (prev - x)
         return torch.where(keep_own, x, smeared)
+
+
+class SmearGateV2(nn.Module):
+    """The frontier's SmearGate (frontier.md §3.1): e_t <- e_t + g_t * e_{t-1}, g_t = lam * sigmoid(w . e_t[:window]).
+
+    It acts on the raw embedding, before the input RMSNorm, with one input-dependent scalar gate per position
+    and a learned magnitude lam. Position 0 and every BOS position keep their own embedding, so nothing of one
+    document reaches the next. w (1, window) and lam (1,) start at zero: the identity, lam gets a gradient
+    first and w once lam moves. Both are plain parameters (not CastedLinear), so they fall into the scalar
+    AdamW group and the artifact keeps them as fp16 passthrough, as in the record.
+    """
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+        self.weight = nn.Parameter(torch.zeros(1, window))
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        cur = x[:, 1:]
+        gate = torch.sigmoid(F.linear(cur[..., : self.window], self.weight.to(x.dtype)))
+        g = self.lam.to(x.dtype) * gate
+        not_bos = (input_ids[:, 1:] != SMEAR_BOS_ID).to(x.dtype).unsqueeze(-1)
+        return torch.cat((x[:, :1], cur + g * x[:, :-1] * not_bos), dim=1)
 
 
 def bigram_bucket_ids(input_ids: torch.Tensor, buckets: int) -> torch.Tensor:

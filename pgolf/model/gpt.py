@@ -6,6 +6,12 @@ The first half of the virtual sequence (rounded down) is the encoder and pushes 
 the decoder and pops them in reverse, decoder position j using skip weight (and gate) j. The number of skip
 weights is that of the longest sequence (recurrence on); with recurrence off the first ones are used.
 A looped block keeps its physical ln_scale factor, XSA and value-embedding setting.
+
+Two-lane parallel residuals (model.parallel_lanes_from, frontier.md §3.3): from the first virtual position
+whose physical layer is a lane block on, the stream is a pair (lane0, lane1), both starting as the stream;
+a decoder skip merges into lane 0, each lane block reads attention from lane 0 (mixed with x0) and the MLP
+from lane 1 and writes both lanes through its own learned factors; after the last block the hidden state
+is the lanes' mean. Lane blocks must form the tail of the virtual order, inside the decoder.
 """
 
 import contextlib
@@ -16,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf.config import ModelConfig
+from pgolf.errors import UserError
 from pgolf.model.attention import CausalSelfAttention
-from pgolf.model.features import BigramHash, SmearGate, ValueEmbedding
+from pgolf.model.features import BigramHash, SmearGate, SmearGateV2, ValueEmbedding
 from pgolf.model.layers import CastedLinear, RMSNorm, Rotary, softcap_logits
 
 
@@ -54,7 +61,9 @@ class Block(nn.Module):
         self.layer = layer
         self.norm = RMSNorm()
         self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.attention,
-                                        xsa=layer >= cfg.num_layers - cfg.xsa_last_n, native_gqa=cfg.native_gqa)
+                                        xsa=layer >= cfg.num_layers - cfg.xsa_last_n, native_gqa=cfg.native_gqa,
+                                        gate_window=cfg.gate_window if cfg.sparse_attn_gate else 0,
+                                        gate_scale=cfg.sparse_attn_gate_scale)
         self.mlp = BlockMLP(dim, round(cfg.mlp_mult * dim), cfg.mlp_slope)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -64,6 +73,10 @@ class Block(nn.Module):
         factor = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
         self.register_buffer("ln_factor", torch.tensor(factor), persistent=False)
         self.parallel = 0 <= cfg.parallel_resid_from <= layer
+        self.lanes = 0 <= cfg.parallel_lanes_from <= layer
+        if self.lanes:  # lane_resid[k]: lane k's carry; lane_post[s, k]: source s (0 attn, 1 MLP) into lane k
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
+            self.lane_post = nn.Parameter(torch.ones(2, 2))
 
     def normed(self, x: torch.Tensor) -> torch.Tensor:
         # the product in float32, rounded once to the stream's dtype: what a Python float factor does, on
@@ -74,7 +87,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ve: torch.Tensor | None = None, keep: int | None = None) -> torch.Tensor:
         """(B, T, D) -> (B, T, D); with `keep`, the output of the last `keep` positions only (B, keep, D): the
-        attention's keys and values come from every position, everything else runs on those alone."""
+        attention's keys and values come from every position, everything else runs on those alone.
+        A lane block (model.parallel_lanes_from) takes and returns the pair of lanes instead (forward_lanes)."""
+        if self.lanes:
+            return self.forward_lanes(x, x0, cos, sin, ve, keep)
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         n = self.normed(x)
@@ -86,6 +102,21 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * attn_out
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self.normed(x))
 
+    def forward_lanes(self, lanes: tuple, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      ve: torch.Tensor | None = None, keep: int | None = None) -> tuple:
+        """The two-lane block: a = attention(norm(mix(lane0, x0))), m = MLP(norm(lane1)), independent of
+        each other; lane k <- lane_resid[k] * lane k + lane_post[0, k] * a + lane_post[1, k] * m. resid_mix
+        shapes the attention's read only; lane 0 itself is not replaced by the mix."""
+        lane0, lane1 = lanes
+        mix = self.resid_mix.to(lane0.dtype)
+        attn_out = self.attn(self.normed(mix[0] * lane0 + mix[1] * x0), cos, sin, ve, keep)
+        if keep is not None:
+            lane0, lane1 = lane0[:, -keep:], lane1[:, -keep:]
+        a = self.attn_scale.to(lane0.dtype) * attn_out
+        m = self.mlp_scale.to(lane1.dtype) * self.mlp(self.normed(lane1))
+        r, p = self.lane_resid.to(lane0.dtype), self.lane_post.to(lane0.dtype)
+        return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
+
 
 def virtual_layer_order(cfg: ModelConfig, recurrence: bool) -> list[int]:
     """Physical layer indices in the order they run: the recurrence span repeated when recurrence is on."""
@@ -94,6 +125,21 @@ def virtual_layer_order(cfg: ModelConfig, recurrence: bool) -> list[int]:
         return layers
     span = layers[cfg.recur_first: cfg.recur_last + 1]
     return layers[: cfg.recur_first] + span * (1 + cfg.recur_loops) + layers[cfg.recur_last + 1:]
+
+
+def check_lane_layers(cfg: ModelConfig) -> None:
+    """Lane blocks (model.parallel_lanes_from) must be the tail of the virtual order, with recurrence on and
+    off, and lie in the decoder when there are U-Net skips (the encoder pushes one stream, not two)."""
+    if cfg.parallel_lanes_from < 0:
+        return
+    for recurrence in (False, True):
+        order = virtual_layer_order(cfg, recurrence)
+        is_lane = [layer >= cfg.parallel_lanes_from for layer in order]
+        first = is_lane.index(True)
+        encoder = len(order) // 2 if cfg.unet_skips else 0
+        if not all(is_lane[first:]) or first < encoder:
+            raise UserError(f"model.parallel_lanes_from={cfg.parallel_lanes_from}: the lane blocks must run last "
+                            f"and in the decoder, but the virtual order is {order} with {encoder} encoder layers")
 
 
 class GPT(nn.Module):
@@ -106,6 +152,8 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, dim)
         self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, dim) if cfg.bigram_buckets > 0 else None
         self.smear = SmearGate(dim) if cfg.smear_gate else None
+        self.smear_v2 = SmearGateV2(cfg.gate_window) if cfg.smear_gate_v2 else None
+        check_lane_layers(cfg)
         self.input_norm = RMSNorm()
         self.value_embed = ValueEmbedding(cfg.vocab_size, cfg.ve_dim, kv_dim) if cfg.ve_last_n > 0 else None
         self.ve_layer_scales = nn.Parameter(torch.ones(cfg.ve_last_n)) if cfg.ve_last_n > 0 else None
@@ -128,6 +176,7 @@ class GPT(nn.Module):
         cfg = self.cfg
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std if cfg.tie_embeddings else 1.0)
         for block in self.blocks:
+            self.init_frontier_block(block)
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
                 self.init_matrix(lin)
             nn.init.zeros_(block.attn.proj.weight)
@@ -148,12 +197,25 @@ class GPT(nn.Module):
             self.ve_layer_scales.fill_(1.0)
         if self.smear is not None:
             self.smear.gate.zero_()
+        if self.smear_v2 is not None:
+            self.smear_v2.weight.zero_()
+            self.smear_v2.lam.zero_()
         if self.skip_weights is not None:
             self.skip_weights.fill_(1.0)
         if self.skip_gates is not None:
             self.skip_gates.zero_()
         if self.head is not None:
             nn.init.zeros_(self.head.weight)
+
+    @staticmethod
+    @torch.no_grad()
+    def init_frontier_block(block: Block) -> None:
+        """The frontier's per-block parameters, where on: sparse gate 0 (g = 0.5), lane carries 1.1, routes 1."""
+        if block.attn.attn_gate_w is not None:
+            block.attn.attn_gate_w.zero_()
+        if block.lanes:
+            block.lane_resid.fill_(1.1)
+            block.lane_post.fill_(1.0)
 
     def init_matrix(self, lin: nn.Linear) -> None:
         if self.cfg.ortho_init:
@@ -195,7 +257,8 @@ class GPT(nn.Module):
             self.block_call = previous
 
     def embed_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """x0, the input of the first block: embedding (+ bigram) in model.residual_dtype, RMSNorm, SmearGate.
+        """x0, the input of the first block: embedding (+ bigram) in model.residual_dtype, SmearGate v2 (before
+        the norm), RMSNorm, SmearGate.
 
         The residual stream keeps that dtype through the blocks (their scales and mixes are cast to it). With
         float32 (the default) every elementwise pass over it moves 4 bytes a value; bfloat16 halves that, as
@@ -204,6 +267,8 @@ class GPT(nn.Module):
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids).to(x.dtype)
+        if self.smear_v2 is not None:  # on the raw embedding, before the norm (frontier.md §3.1)
+            x = self.smear_v2(x.to(self.residual_dtype), input_ids)
         x = self.input_norm(x.to(self.residual_dtype))
         if self.smear is not None:
             x = self.smear(x, input_ids)
@@ -218,17 +283,14 @@ class GPT(nn.Module):
         num_encoder = len(order) // 2 if self.skip_weights is not None else 0
         skips = []
         for position, layer in enumerate(order):
+            block = self.blocks[layer]
+            if block.lanes and not isinstance(x, tuple):
+                x = (x, x)  # the first lane block: both lanes start as the stream
             if position >= num_encoder and skips:
-                j = position - num_encoder
-                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
-                if self.skip_gates is not None:
-                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-                else:
-                    x = x + skip
+                x = self.merge_skip(x, position - num_encoder, skips.pop())
             layer_ve = None
             if ve is not None and layer >= self.ve_first_layer:
                 layer_ve = ve * self.ve_layer_scales[layer - self.ve_first_layer].to(ve.dtype)
-            block = self.blocks[layer]
             block_keep = keep if position == len(order) - 1 else None
             if self.block_call is None:
                 x = block(x, x0, cos, sin, layer_ve, block_keep)
@@ -236,7 +298,18 @@ class GPT(nn.Module):
                 x = self.block_call(block, x, x0, cos, sin, layer_ve, block_keep)
             if position < num_encoder:
                 skips.append(x)
+        if isinstance(x, tuple):
+            x = 0.5 * (x[0] + x[1])
         return x
+
+    def merge_skip(self, x, j: int, skip: torch.Tensor):
+        """Decoder position j's skip into the stream (into lane 0 of a lane pair): added, or lerp-gated."""
+        if isinstance(x, tuple):
+            return self.merge_skip(x[0], j, skip), x[1]
+        skip = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is not None:
+            return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+        return x + skip
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """float32 logits (B, T, V) after the softcap."""
