@@ -81,6 +81,11 @@ class OptimConfig:
     adam_eps: float = 1e-8
     adam_wd: float = 0.0
     grad_clip: float = 0.0  # global norm; 0 = off
+    # the 2026 frontier's optimizer (shared/reference/frontier.md §4; pgolf.optim)
+    muon_row_normalize: bool = False  # MuonEq-R: each row of Muon's update divided by its L2 norm before NS
+    muon_polar_express: bool = False  # Newton-Schulz with the per-iteration Polar Express coefficients
+    embed_wd: float = -1.0  # AdamW weight decay of the embed group (token, bigram, VE tables); < 0 = adam_wd
+    scalar_wd: float = 0.0  # AdamW weight decay of the scalar group (gains, scales, gates, skip weights)
 
 
 @dataclass
@@ -111,6 +116,7 @@ class TrainConfig:
     seed: int = 1337
     checkpoint_every_s: float = 0.0  # 0 = no periodic checkpoints
     device: str = "auto"  # auto | cpu | cuda
+    min_lr: float = 0.0  # the warmdown's floor, a fraction of the peak LR (the frontier's MIN_LR, 0.1)
 
 
 @dataclass
