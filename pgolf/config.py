@@ -62,6 +62,9 @@ class ModelConfig:
     # q/k RMSNorm + RoPE + q gain as one Triton kernel per direction on CUDA (fused_qk.py), in the training
     # steps only: evaluation runs the plain path, faster there (GPT.set_training_kernels)
     fused_qk: bool = False
+    # the training loss as one Triton kernel per direction on CUDA (fused_ce.py): softcap + cross-entropy on
+    # the head's bf16 logits, never materialised in float32; training steps only (GPT.set_training_kernels)
+    fused_ce: bool = False
 
 
 @dataclass

@@ -206,16 +206,16 @@ def test_lr_floor_in_every_schedule_and_off_by_default(cfg):
 def test_every_recipe_leaves_the_frontier_options_off():
     for make in RECIPES.values():
         cfg = make()
-        o, t = cfg.optim, cfg.train
-        assert not (o.muon_row_normalize or o.muon_polar_express)
+        o, t, m = cfg.optim, cfg.train, cfg.model
+        assert not (o.muon_row_normalize or o.muon_polar_express or m.fused_ce)
         assert o.embed_wd < 0 and o.scalar_wd == 0.0 and t.min_lr == 0.0
 
 
 def test_export_env_names_follow_the_frontier_script():
     names = {key: env_name_for(key) for key in ("optim.muon_row_normalize", "optim.embed_wd", "optim.scalar_wd",
-                                                 "train.min_lr")}
+                                                 "train.min_lr", "model.fused_ce")}
     assert names == {"optim.muon_row_normalize": "MUON_ROW_NORMALIZE", "optim.embed_wd": "EMBED_WD",
-                     "optim.scalar_wd": "SCALAR_WD", "train.min_lr": "MIN_LR"}
+                     "optim.scalar_wd": "SCALAR_WD", "train.min_lr": "MIN_LR", "model.fused_ce": "FUSED_CE_ENABLED"}
     assert env_name_for("optim.muon_polar_express") == "OPTIM_MUON_POLAR_EXPRESS"
     env_table(RunConfig())  # no two fields share an env var
 

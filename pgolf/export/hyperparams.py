@@ -70,6 +70,7 @@ CONVENTIONAL_ENV_NAMES = {
     "optim.embed_wd": "EMBED_WD",
     "optim.scalar_wd": "SCALAR_WD",
     "train.min_lr": "MIN_LR",
+    "model.fused_ce": "FUSED_CE_ENABLED",
 }
 # Top-level RunConfig fields that are not settings of the run.
 FIXED_KEYS = ("recipe",)
