@@ -68,6 +68,9 @@ class ModelConfig:
     sparse_attn_gate_scale: float = 0.5  # the sparse gate's logit scale
     gate_window: int = 12  # leading input dims read by smear_gate_v2 and sparse_attn_gate
     parallel_lanes_from: int = -1  # two-lane parallel residual (attention and MLP lanes) from this layer on; -1 = off
+    # the training loss as one Triton kernel per direction on CUDA (fused_ce.py): softcap + cross-entropy on
+    # the head's bf16 logits, never materialised in float32; training steps only (GPT.set_training_kernels)
+    fused_ce: bool = False
 
 
 @dataclass
@@ -87,6 +90,11 @@ class OptimConfig:
     adam_eps: float = 1e-8
     adam_wd: float = 0.0
     grad_clip: float = 0.0  # global norm; 0 = off
+    # the 2026 frontier's optimizer (shared/reference/frontier.md §4; pgolf.optim)
+    muon_row_normalize: bool = False  # MuonEq-R: each row of Muon's update divided by its L2 norm before NS
+    muon_polar_express: bool = False  # Newton-Schulz with the per-iteration Polar Express coefficients
+    embed_wd: float = -1.0  # AdamW weight decay of the embed group (token, bigram, VE tables); < 0 = adam_wd
+    scalar_wd: float = 0.0  # AdamW weight decay of the scalar group (gains, scales, gates, skip weights)
 
 
 @dataclass
@@ -117,6 +125,7 @@ class TrainConfig:
     seed: int = 1337
     checkpoint_every_s: float = 0.0  # 0 = no periodic checkpoints
     device: str = "auto"  # auto | cpu | cuda
+    min_lr: float = 0.0  # the warmdown's floor, a fraction of the peak LR (the frontier's MIN_LR, 0.1)
 
 
 @dataclass

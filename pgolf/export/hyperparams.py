@@ -65,6 +65,12 @@ CONVENTIONAL_ENV_NAMES = {
     "eval.ttt": "TTT_ENABLED",
     "eval.ttt_lr": "TTT_LR",
     "eval.ttt_epochs": "TTT_EPOCHS",
+    # the 2026 frontier record's names (shared/reference/frontier.md §4-5; its ADAM_WD is pgolf's scalar_wd)
+    "optim.muon_row_normalize": "MUON_ROW_NORMALIZE",
+    "optim.embed_wd": "EMBED_WD",
+    "optim.scalar_wd": "SCALAR_WD",
+    "train.min_lr": "MIN_LR",
+    "model.fused_ce": "FUSED_CE_ENABLED",
 }
 # Top-level RunConfig fields that are not settings of the run.
 FIXED_KEYS = ("recipe",)

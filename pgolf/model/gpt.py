@@ -25,6 +25,7 @@ from pgolf.config import ModelConfig
 from pgolf.errors import UserError
 from pgolf.model.attention import CausalSelfAttention
 from pgolf.model.features import BigramHash, SmearGate, SmearGateV2, ValueEmbedding
+from pgolf.model.fused_ce import softcapped_cross_entropy
 from pgolf.model.layers import CastedLinear, RMSNorm, Rotary, softcap_logits
 
 
@@ -168,6 +169,7 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if num_skips and cfg.skip_gates else None
         self.final_norm = RMSNorm()
         self.head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size)
+        self.fused_ce = False  # the training loss through pgolf.model.fused_ce (set_training_kernels)
         self.init_weights()
 
     @torch.no_grad()
@@ -233,11 +235,12 @@ class GPT(nn.Module):
             if isinstance(module, CastedLinear):
                 module.configure_qat(active, bits, clip_k)
 
-    def set_training_kernels(self, fp8: bool, fused_qk: bool) -> None:
+    def set_training_kernels(self, fp8: bool, fused_qk: bool, fused_ce: bool = False) -> None:
         """Switch the fast paths that pay off in training steps only: the block matrices' FP8 matmuls
-        (train.fp8, pgolf.model.fp8) and the fused q/k kernels (model.fused_qk, pgolf.model.fused_qk).
+        (train.fp8, pgolf.model.fp8), the fused q/k kernels (model.fused_qk, pgolf.model.fused_qk) and the
+        fused softcap + cross-entropy of forward's loss (model.fused_ce, pgolf.model.fused_ce).
 
-        A GPT is built with both off, as every evaluation runs it: on an H200 the fused q/k kernels made the
+        A GPT is built with all off, as every evaluation runs it: on an H200 the fused q/k kernels made the
         record's sliding + TTT evaluation 21 % slower (docs/benchmarks.md). pgolf.train switches them on for
         its steps (before compiling them) and off again before calibration and evaluation."""
         for module in self.blocks.modules():
@@ -245,6 +248,7 @@ class GPT(nn.Module):
                 module.fp8 = bool(fp8)
         for block in self.blocks:
             block.attn.fused_qk = bool(fused_qk)
+        self.fused_ce = bool(fused_ce)
 
     @contextlib.contextmanager
     def routed_blocks(self, block_call):
@@ -330,12 +334,18 @@ class GPT(nn.Module):
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits (..., V) after the softcap of hidden states from forward_hidden; position-wise."""
+        return softcap_logits(self.head_projection(hidden).float(), self.cfg.logit_softcap)
+
+    def head_projection(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head's logits before the softcap, in the stream's (autocast) dtype."""
         x = self.final_norm(hidden)
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.head is None else self.head(x)
-        return softcap_logits(logits.float(), self.cfg.logit_softcap)
+        return F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.head is None else self.head(x)
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor | None = None,
                 reduction: str = "mean") -> torch.Tensor:
+        if target_ids is not None and self.fused_ce:  # softcap + CE in one kernel, on the bf16 logits
+            logits = self.head_projection(self.forward_hidden(input_ids))
+            return softcapped_cross_entropy(logits, target_ids, self.cfg.logit_softcap, reduction)
         logits = self.logits(input_ids)
         if target_ids is None:
             return logits

@@ -5,12 +5,14 @@
 | group    | optimizer | lr                                                   | weight decay |
 |----------|-----------|------------------------------------------------------|--------------|
 | `matrix` | Muon      | `matrix_lr`                                          | `muon_wd`    |
-| `embed`  | AdamW     | `tied_embed_lr` if `model.cfg.tie_embeddings` else `embed_lr` | `adam_wd` |
+| `embed`  | AdamW     | `tied_embed_lr` if `model.cfg.tie_embeddings` else `embed_lr` | `embed_wd` (< 0: `adam_wd`) |
 | `head`   | AdamW     | `head_lr`                                            | `adam_wd`    |
-| `scalar` | AdamW     | `scalar_lr`                                          | 0            |
+| `scalar` | AdamW     | `scalar_lr`                                          | `scalar_wd`  |
 
-Scalars (gains, scales, gates, skip weights) get no weight decay: most start at 1 or at a tuned value, and
-decay would pull them toward 0 for no benefit.
+By default scalars (gains, scales, gates, skip weights) get no weight decay (`scalar_wd` 0): most start at 1
+or at a tuned value, and decay pulls them toward 0; the seeds and the frontier record decay them a little
+(0.02-0.04), and the record gives the embedding its own 0.085 (`embed_wd`). Muon takes
+`muon_row_normalize` (MuonEq-R) and `muon_polar_express` (pgolf.optim.muon).
 
 There is no DDP wrapper. `OptimizerSet.step` averages the gradients itself: AdamW's by coalesced async
 all-reduces, Muon's by the reduce-scatter of its sharded step. Clipping uses the global norm of the averaged
@@ -209,12 +211,14 @@ def build_optimizers(model, cfg: OptimConfig, rank: int = 0, world_size: int = 1
     muon = None
     if groups.get("matrix"):
         muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=muon_momentum_at(0, cfg),
-                    ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_wd, rank=rank, world_size=world_size)
+                    ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_wd, rank=rank, world_size=world_size,
+                    row_normalize=cfg.muon_row_normalize, polar_express=cfg.muon_polar_express)
         muon.param_groups[0]["base_lr"] = cfg.matrix_lr
     adam_groups = []
-    for key, lr, wd in (("embed", cfg.tied_embed_lr if tied else cfg.embed_lr, cfg.adam_wd),
+    embed_wd = cfg.adam_wd if cfg.embed_wd < 0 else cfg.embed_wd
+    for key, lr, wd in (("embed", cfg.tied_embed_lr if tied else cfg.embed_lr, embed_wd),
                         ("head", cfg.head_lr, cfg.adam_wd),
-                        ("scalar", cfg.scalar_lr, 0.0)):
+                        ("scalar", cfg.scalar_lr, cfg.scalar_wd)):
         if groups.get(key):
             adam_groups.append({"params": list(groups[key]), "lr": lr, "base_lr": lr, "weight_decay": wd,
                                 "group": key})

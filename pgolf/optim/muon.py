@@ -10,6 +10,11 @@ for that slice only, orthogonalises it in one batched call, and all-gathers the 
 reduce-scatter is launched up front (`launch_reduce_scatter`), and each all-gather runs while the next
 bucket is orthogonalised. At world_size 1 the slice is the whole stack and no collective runs.
 
+Two options of the 2026 frontier record (shared/reference/frontier.md §4.1-4.2), both off by default:
+`row_normalize` (MuonEq-R: each row of the Nesterov update divided by its L2 norm, floored at 1e-7, before
+Newton-Schulz) and `polar_express` (a per-iteration (a, b, c) schedule, POLAR_EXPRESS_COEFFS, in place of the
+one quintic NS_COEFFS; iterations past the schedule's end reuse its last entry).
+
 `muon_reference_step` is the plain per-matrix version the batched, sharded step is tested against.
 """
 
@@ -22,22 +27,45 @@ from pgolf.errors import UserError
 
 # Quintic Newton-Schulz coefficients (a, b, c): X <- a X + b (X X^T) X + c (X X^T)^2 X.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (PR #1344 of the challenge): one minimax-tuned (a, b, c) per iteration, for 5 iterations.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+ROW_NORM_FLOOR = 1e-7  # MuonEq-R: a row's L2 norm is floored here before dividing
 
 
-def newton_schulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
+def ns_coefficients(steps: int, polar_express: bool = False) -> list[tuple[float, float, float]]:
+    """The (a, b, c) of each of `steps` iterations: NS_COEFFS every time, or the Polar Express schedule
+    (its last entry repeated past its end)."""
+    if not polar_express:
+        return [NS_COEFFS] * steps
+    last = len(POLAR_EXPRESS_COEFFS) - 1
+    return [POLAR_EXPRESS_COEFFS[min(k, last)] for k in range(steps)]
+
+
+def row_normalize_(update: torch.Tensor) -> torch.Tensor:
+    """MuonEq-R, in place: each row (last dim) of a float32 update divided by max(its L2 norm, 1e-7)."""
+    return update.div_(update.norm(dim=-1, keepdim=True).clamp_min(ROW_NORM_FLOOR))
+
+
+def newton_schulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None,
+                   polar_express: bool = False) -> torch.Tensor:
     """Approximately orthogonalise G (..., rows, cols); leading dims are a batch.
 
     The iteration pushes every singular value into roughly [0.7, 1.2] rather than exactly 1, which is all
     Muon needs. dtype None runs in bfloat16 on CUDA and float32 elsewhere; the result has that dtype.
     Each iteration is three batched matmuls, the polynomial's scalars folded into them (baddbmm's beta and
     alpha), so a step issues 3 kernels per iteration instead of 8; `newton_schulz5_reference` is the plain
-    formula it is tested against.
+    formula it is tested against. polar_express: the per-iteration coefficients (ns_coefficients).
     """
     X, tall = _ns_prepare(G, dtype)
-    a, b, c = NS_COEFFS
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])
-    for _ in range(steps):
+    for a, b, c in ns_coefficients(steps, polar_express):
         A = torch.bmm(X, X.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
         X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
@@ -45,11 +73,11 @@ def newton_schulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = 
     return X.mT if tall else X
 
 
-def newton_schulz5_reference(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
+def newton_schulz5_reference(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None,
+                             polar_express: bool = False) -> torch.Tensor:
     """newton_schulz5 written term by term (the challenge baseline's form)."""
     X, tall = _ns_prepare(G, dtype)
-    a, b, c = NS_COEFFS
-    for _ in range(steps):
+    for a, b, c in ns_coefficients(steps, polar_express):
         A = X @ X.mT
         B = b * A + c * (A @ A)
         X = a * X + B @ X
@@ -75,13 +103,16 @@ def muon_shape_scale(rows: int, cols: int) -> float:
 
 
 @torch.no_grad()
-def muon_reference_step(params, grads, bufs, lr: float, momentum: float, wd: float, ns_steps: int) -> None:
+def muon_reference_step(params, grads, bufs, lr: float, momentum: float, wd: float, ns_steps: int,
+                        row_normalize: bool = False, polar_express: bool = False) -> None:
     """One Muon step, one matrix at a time, no batching or sharding, the plain Newton-Schulz; updates params
     and bufs in place."""
     for p, g, buf in zip(params, grads, bufs, strict=True):
         buf.mul_(momentum).add_(g)
         g = g + momentum * buf
-        update = newton_schulz5_reference(g, ns_steps)
+        if row_normalize:
+            g = g / g.norm(dim=-1, keepdim=True).clamp_min(ROW_NORM_FLOOR)
+        update = newton_schulz5_reference(g, ns_steps, polar_express=polar_express)
         p.mul_(1.0 - lr * wd)
         p.add_(update.to(p.dtype), alpha=-lr * muon_shape_scale(p.size(-2), p.size(-1)))
 
@@ -120,8 +151,9 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.95, ns_steps: int = 5, weight_decay: float = 0.0,
-                 rank: int = 0, world_size: int = 1):
-        defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay)
+                 rank: int = 0, world_size: int = 1, row_normalize: bool = False, polar_express: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay,
+                        row_normalize=row_normalize, polar_express=polar_express)
         super().__init__(params, defaults)
         if not 0 <= rank < world_size:
             raise UserError(f"Muon: rank {rank} is outside world_size {world_size}")
@@ -197,7 +229,9 @@ class Muon(torch.optim.Optimizer):
                 bk.momentum = torch.zeros_like(g)
             bk.momentum.mul_(group["momentum"]).add_(g)
             g.add_(bk.momentum, alpha=group["momentum"])
-            update = newton_schulz5(g, group["ns_steps"])
+            if group["row_normalize"]:
+                row_normalize_(g)  # the padding's zero rows stay zero
+            update = newton_schulz5(g, group["ns_steps"], polar_express=group["polar_express"])
             if self._distributed():
                 gathered = torch.empty((bk.padded, *bk.shape), dtype=update.dtype, device=update.device)
                 work = _all_gather_tensor(gathered, update.contiguous())

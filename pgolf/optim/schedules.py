@@ -7,6 +7,9 @@ There is no LR warm-up. The LR scale is 1 until the warmdown, then falls linearl
   when warmdown_frac > 0, else the last warmdown_iters steps at the average step time so far
   (elapsed_s / step), as the challenge baseline does; the scale reaches 0 at the end of the budget.
 - without a cap, the warmdown covers the last warmdown_iters of max_steps.
+
+train.min_lr > 0 floors the scale there (the frontier record's MIN_LR): max(scale, min_lr), so the warmdown
+stops at min_lr x the peak LR and stays there to the end.
 """
 
 from pgolf.config import OptimConfig, TrainConfig
@@ -15,7 +18,14 @@ from pgolf.errors import UserError
 
 def lr_scale(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
     """LR multiplier for the step about to run; step = optimizer steps done, elapsed_s = timed training
-    seconds spent on them."""
+    seconds spent on them. At least train.min_lr."""
+    if not 0.0 <= cfg.min_lr <= 1.0:
+        raise UserError(f"train.min_lr={cfg.min_lr} must be in [0, 1] (a fraction of the peak LR)")
+    return max(cfg.min_lr, warmdown_scale(step, elapsed_s, cfg))
+
+
+def warmdown_scale(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
+    """The LR multiplier without the floor: 1, then linear to 0 over the warmdown."""
     if cfg.wallclock_s <= 0:
         if cfg.warmdown_iters <= 0:
             return 1.0

@@ -98,7 +98,7 @@ def resolve_data_files(cfg: RunConfig) -> tuple[list[Path], list[Path], Path]:
 
 def build_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
     """The model on its device (fp32 weights; bf16 comes from autocast on CUDA), with the training steps'
-    own kernels on (train.fp8, model.fused_qk; set_training_kernels)."""
+    own kernels on (train.fp8, model.fused_qk, model.fused_ce; set_training_kernels)."""
     model = GPT(cfg.model).to(device)
     set_training_kernels(model, cfg, True)
     return model
@@ -106,7 +106,8 @@ def build_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
 
 def set_training_kernels(model, cfg: RunConfig, on: bool) -> None:
     """The configured training-only kernels on, or every one off (the evaluated and exported model)."""
-    model.set_training_kernels(fp8=on and cfg.train.fp8, fused_qk=on and cfg.model.fused_qk)
+    model.set_training_kernels(fp8=on and cfg.train.fp8, fused_qk=on and cfg.model.fused_qk,
+                               fused_ce=on and cfg.model.fused_ce)
 
 
 def compile_for_training(model: torch.nn.Module, cfg: RunConfig):
