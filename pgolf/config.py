@@ -111,6 +111,9 @@ class TrainConfig:
     seed: int = 1337
     checkpoint_every_s: float = 0.0  # 0 = no periodic checkpoints
     device: str = "auto"  # auto | cpu | cuda
+    # document-masked attention in training: each token reads only its own document (BOS-opened, cut at row
+    # ends) through flex attention with a per-batch BlockMask (pgolf.model.doc_attention); eval stays dense
+    doc_mask: bool = False
 
 
 @dataclass
