@@ -126,6 +126,9 @@ class TrainConfig:
     checkpoint_every_s: float = 0.0  # 0 = no periodic checkpoints
     device: str = "auto"  # auto | cpu | cuda
     min_lr: float = 0.0  # the warmdown's floor, a fraction of the peak LR (the frontier's MIN_LR, 0.1)
+    # document-masked attention in training: each token reads only its own document (BOS-opened, cut at row
+    # ends) through flex attention with a per-batch BlockMask (pgolf.model.doc_attention); eval stays dense
+    doc_mask: bool = False
 
 
 @dataclass

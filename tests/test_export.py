@@ -181,7 +181,8 @@ def test_generated_script_parses_and_imports_only_allowed_packages(tiny_script):
             roots.update(n.split(".")[0] for n in names)
     assert "pgolf" not in roots and "pgolf" not in source.split("import")
     assert roots - set(sys.stdlib_module_names) <= ALLOWED_ROOTS
-    assert "pgolf.eval.ttt" in info["modules"] and info["left_out"] == {"pgolf.export.amalgamate": "False"}
+    assert "pgolf.eval.ttt" in info["modules"]
+    assert info["left_out"] == {"pgolf.export.amalgamate": "False", "pgolf.model.doc_attention": "cfg.train.doc_mask"}
     assert source.rstrip().endswith("sys.exit(main())")
     wrapped = wrap_compressed(source)
     assert len(wrapped) < len(source) and wrapped.count("\n") == 2

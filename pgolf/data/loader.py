@@ -14,6 +14,16 @@ import torch
 from pgolf.data.shards import read_shard, resolve_shard_files
 from pgolf.errors import UserError
 
+TRAIN_BOS_ID = 1  # the BOS id of the challenge tokenizers: it opens every document of the shards
+
+
+def batch_document_ids(x: torch.Tensor, bos_id: int = TRAIN_BOS_ID) -> torch.Tensor:
+    """Document ids (B, T) int32 of a batch of rows: per row, the number of BOS tokens up to and including
+    each position, so ids are non-decreasing, every BOS opens a new id, and the tokens of a row that starts
+    inside a document (before its first BOS) share id 0. Rows are independent: a document that crosses a
+    row boundary is two segments, as the record cuts documents longer than its rows (2,048)."""
+    return torch.cumsum(x == bos_id, dim=1, dtype=torch.int32)
+
 
 class TrainTokenStream:
     """Deterministic, rank-disjoint, resumable stream of (x, y) training batches."""
@@ -79,6 +89,13 @@ class TrainTokenStream:
         if self._micro == 0:
             self._span = None
         return x.reshape(-1, seq_len), y.reshape(-1, seq_len)
+
+    def next_doc_batch(self, batch_tokens: int, seq_len: int,
+                       grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """next_batch's (x, y) and the document ids of x (batch_document_ids), for train.doc_mask. The ids
+        come from x alone, so the stream's state, resume and rank split are next_batch's."""
+        x, y = self.next_batch(batch_tokens, seq_len, grad_accum)
+        return x, y, batch_document_ids(x)
 
     def state_dict(self) -> dict:
         """Where the stream stands between optimizer steps (UserError in the middle of one)."""

@@ -33,6 +33,7 @@ OPTIONAL_MODULES = {
     "pgolf.eval.sliding": "cfg.eval.sliding_stride > 0",
     "pgolf.eval.ttt": "cfg.eval.ttt",
     "pgolf.eval.warmup": "cfg.eval.precompile",
+    "pgolf.model.doc_attention": "cfg.train.doc_mask",
     "pgolf.quant.pipeline": "cfg.quant.enabled",
     "pgolf.quant.hessian": "cfg.quant.enabled and cfg.quant.method == 'gptq' and cfg.quant.calib_batches > 0",
 }

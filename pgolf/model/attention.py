@@ -137,9 +137,10 @@ class CausalSelfAttention(nn.Module):
         return sdpa_attention(q, k, v, self.sdpa_backends, self.native_gqa)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ve: torch.Tensor | None = None, keep: int | None = None) -> torch.Tensor:
+                ve: torch.Tensor | None = None, keep: int | None = None, doc_mask=None) -> torch.Tensor:
         """(B, T, D) -> (B, T, D); with `keep`, the output of the last `keep` positions only (B, keep, D):
-        their queries read the keys and values of every position."""
+        their queries read the keys and values of every position. doc_mask (pgolf.model.doc_attention's
+        doc_attention_mask, train.doc_mask): each token reads only its own document's earlier tokens."""
         b, t, _ = x.shape
         tq = t if keep is None else keep
         q = self.c_q(x[:, t - tq:]).view(b, tq, self.num_heads, self.head_dim)
@@ -150,7 +151,12 @@ class CausalSelfAttention(nn.Module):
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
         q = qk_prep(q, cos[t - tq:], sin[t - tq:], self.q_gain, self.fused_qk).to(v.dtype)
         k = qk_prep(k, cos, sin, None, self.fused_qk).to(v.dtype)
-        y = self.attend(q, k, v)
+        if doc_mask is None:
+            y = self.attend(q, k, v)
+        else:  # imported here: the exported script carries the module only with train.doc_mask
+            from pgolf.model.doc_attention import doc_masked_attention
+
+            y = doc_masked_attention(q, k, v, doc_mask)
         if self.xsa:
             y = xsa_project_out(y, v[:, t - tq:])
         if self.attn_gate_w is not None:

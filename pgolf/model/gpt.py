@@ -86,16 +86,17 @@ class Block(nn.Module):
         return (n.float() * self.ln_factor.float()).to(n.dtype)
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ve: torch.Tensor | None = None, keep: int | None = None) -> torch.Tensor:
+                ve: torch.Tensor | None = None, keep: int | None = None, doc_mask=None) -> torch.Tensor:
         """(B, T, D) -> (B, T, D); with `keep`, the output of the last `keep` positions only (B, keep, D): the
         attention's keys and values come from every position, everything else runs on those alone.
+        doc_mask: the document mask of GPT.forward_hidden's doc_ids, for the attention.
         A lane block (model.parallel_lanes_from) takes and returns the pair of lanes instead (forward_lanes)."""
         if self.lanes:
-            return self.forward_lanes(x, x0, cos, sin, ve, keep)
+            return self.forward_lanes(x, x0, cos, sin, ve, keep, doc_mask)
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         n = self.normed(x)
-        attn_out = self.attn(n, cos, sin, ve, keep)
+        attn_out = self.attn(n, cos, sin, ve, keep, doc_mask)
         if keep is not None:
             x, n = x[:, -keep:], n[:, -keep:]
         if self.parallel:
@@ -104,13 +105,13 @@ class Block(nn.Module):
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self.normed(x))
 
     def forward_lanes(self, lanes: tuple, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      ve: torch.Tensor | None = None, keep: int | None = None) -> tuple:
+                      ve: torch.Tensor | None = None, keep: int | None = None, doc_mask=None) -> tuple:
         """The two-lane block: a = attention(norm(mix(lane0, x0))), m = MLP(norm(lane1)), independent of
         each other; lane k <- lane_resid[k] * lane k + lane_post[0, k] * a + lane_post[1, k] * m. resid_mix
         shapes the attention's read only; lane 0 itself is not replaced by the mix."""
         lane0, lane1 = lanes
         mix = self.resid_mix.to(lane0.dtype)
-        attn_out = self.attn(self.normed(mix[0] * lane0 + mix[1] * x0), cos, sin, ve, keep)
+        attn_out = self.attn(self.normed(mix[0] * lane0 + mix[1] * x0), cos, sin, ve, keep, doc_mask)
         if keep is not None:
             lane0, lane1 = lane0[:, -keep:], lane1[:, -keep:]
         a = self.attn_scale.to(lane0.dtype) * attn_out
@@ -278,8 +279,9 @@ class GPT(nn.Module):
             x = self.smear(x, input_ids)
         return x
 
-    def run_blocks(self, x: torch.Tensor, input_ids: torch.Tensor, keep: int | None = None) -> torch.Tensor:
-        """The blocks in their virtual order; `keep` (forward_hidden) goes to the last one."""
+    def run_blocks(self, x: torch.Tensor, input_ids: torch.Tensor, keep: int | None = None,
+                   doc_mask=None) -> torch.Tensor:
+        """The blocks in their virtual order; `keep` (forward_hidden) goes to the last one, doc_mask to all."""
         x0 = x
         cos, sin = self.rotary.cos_sin(input_ids.size(1), input_ids.device)
         ve = self.value_embed(input_ids) if self.value_embed is not None else None
@@ -297,7 +299,7 @@ class GPT(nn.Module):
                 layer_ve = ve * self.ve_layer_scales[layer - self.ve_first_layer].to(ve.dtype)
             block_keep = keep if position == len(order) - 1 else None
             if self.block_call is None:
-                x = block(x, x0, cos, sin, layer_ve, block_keep)
+                x = block(x, x0, cos, sin, layer_ve, block_keep, doc_mask)
             else:
                 x = self.block_call(block, x, x0, cos, sin, layer_ve, block_keep)
             if position < num_encoder:
@@ -315,22 +317,38 @@ class GPT(nn.Module):
             return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
         return x + skip
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits (B, T, V) after the softcap."""
-        return self.head_logits(self.forward_hidden(input_ids))
+        return self.head_logits(self.forward_hidden(input_ids, doc_ids=doc_ids))
 
-    def forward_hidden(self, input_ids: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+    def forward_hidden(self, input_ids: torch.Tensor, keep: int | None = None,
+                       doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The last block's output (B, T, D), before final_norm: with head_logits, `logits` split in two so
         that a scorer can apply the head to only the positions it scores (pgolf.eval.scoring).
 
         keep: only the last `keep` positions are wanted (B, keep, D). The last block then computes its queries,
         MLP and output there alone (its keys and values still come from every position): a sliding window of
         2,048 that scores 64 skips ~97% of that block's work, equal to the full forward's last positions up to
-        float rounding. None (or keep >= T): every position."""
+        float rounding. None (or keep >= T): every position.
+
+        doc_ids (train.doc_mask): (B, T) document ids, non-decreasing along each row
+        (pgolf.data.loader.batch_document_ids); each token's attention then reads only earlier tokens of its
+        own document. The mask is built here, once for all blocks (pgolf.model.doc_attention)."""
         if keep is not None and keep < 1:
             raise ValueError(f"forward_hidden: keep={keep} must be at least 1")
         keep = None if keep is None or keep >= input_ids.size(1) else keep
-        return self.run_blocks(self.embed_inputs(input_ids), input_ids, keep)
+        doc_mask = None
+        if doc_ids is not None:
+            if keep is not None or self.block_call is not None:
+                raise ValueError("forward_hidden: doc_ids go with neither keep nor routed blocks")
+            if doc_ids.shape != input_ids.shape:
+                raise ValueError(f"forward_hidden: doc_ids of shape {tuple(doc_ids.shape)}, input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            # imported here: the exported script carries the module only with train.doc_mask
+            from pgolf.model.doc_attention import doc_attention_mask
+
+            doc_mask = doc_attention_mask(doc_ids)
+        return self.run_blocks(self.embed_inputs(input_ids), input_ids, keep, doc_mask)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits (..., V) after the softcap of hidden states from forward_hidden; position-wise."""
@@ -342,11 +360,11 @@ class GPT(nn.Module):
         return F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.head is None else self.head(x)
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         if target_ids is not None and self.fused_ce:  # softcap + CE in one kernel, on the bf16 logits
-            logits = self.head_projection(self.forward_hidden(input_ids))
+            logits = self.head_projection(self.forward_hidden(input_ids, doc_ids=doc_ids))
             return softcapped_cross_entropy(logits, target_ids, self.cfg.logit_softcap, reduction)
-        logits = self.logits(input_ids)
+        logits = self.logits(input_ids, doc_ids)
         if target_ids is None:
             return logits
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction=reduction)

@@ -162,13 +162,14 @@ def train_step(step_model, opt, loader, cfg: RunConfig, device: torch.device) ->
     t = cfg.train
     total = torch.zeros((), device=device)
     for _ in range(t.grad_accum):
-        with FILE_AUDIT.phase("train"):
-            x, y = loader.next_batch(t.batch_tokens, t.seq_len, t.grad_accum)
+        with FILE_AUDIT.phase("train"):  # train.doc_mask: (x, y, doc_ids)
+            fetch = loader.next_doc_batch if t.doc_mask else loader.next_batch
+            batch = fetch(t.batch_tokens, t.seq_len, t.grad_accum)
         if device.type == "cuda":  # a copy from pageable memory would wait for the GPU's queue to drain
-            x, y = x.pin_memory(), y.pin_memory()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            batch = [b.pin_memory() for b in batch]
+        x, y, *doc_ids = [b.to(device, non_blocking=True) for b in batch]
         with autocast_context(device):
-            loss = step_model(x, y)
+            loss = step_model(x, y, doc_ids=doc_ids[0]) if doc_ids else step_model(x, y)
         (loss / t.grad_accum).backward()
         total += loss.detach().float()
     opt.step(cfg.optim.grad_clip)
