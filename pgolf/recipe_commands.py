@@ -22,7 +22,7 @@ def recipe_summary(name: str) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
-def flat_config(name: str) -> dict:
+def flat_recipe_config(name: str) -> dict:
     """{"section.field": value} of a recipe's config (bookkeeping at the top level keeps its own name)."""
     flat = {}
     for key, value in config_to_dict(get_recipe(name)).items():
@@ -35,13 +35,13 @@ def flat_config(name: str) -> dict:
 
 def recipe_differences(name: str, reference: str = REFERENCE_RECIPE) -> list[tuple[str, object, object]]:
     """(key, reference's value, this recipe's value) for every field that differs, `recipe` left out."""
-    ours, theirs = flat_config(name), flat_config(reference)
+    ours, theirs = flat_recipe_config(name), flat_recipe_config(reference)
     return [(key, theirs[key], value) for key, value in ours.items() if key != "recipe" and theirs[key] != value]
 
 
 def format_recipe(name: str) -> str:
     lines = [f"recipe {name}: {recipe_summary(name)}", "", "config:"]
-    lines += [f"  {key} = {json.dumps(value)}" for key, value in flat_config(name).items()]
+    lines += [f"  {key} = {json.dumps(value)}" for key, value in flat_recipe_config(name).items()]
     diffs = recipe_differences(name)
     lines += ["", f"differences from {REFERENCE_RECIPE} ({len(diffs)}):"]
     rows = [("key", REFERENCE_RECIPE, name)] + [(key, json.dumps(ref), json.dumps(value)) for key, ref, value in diffs]

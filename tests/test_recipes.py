@@ -9,7 +9,7 @@ import pytest
 
 from pgolf.cli import main
 from pgolf.config import config_to_dict, validate_config
-from pgolf.recipe_commands import flat_config, recipe_differences
+from pgolf.recipe_commands import flat_recipe_config, recipe_differences
 from pgolf.recipes import RECIPES, get_recipe
 from pgolf.train.loop import train_run
 from tests.conftest import TOKENIZER_1024, write_wiki_shards
@@ -107,7 +107,7 @@ def test_recipes_name_prints_the_config_and_the_differences_from_record(capsys):
     assert main(["recipes", "pr535"]) == 0
     out = capsys.readouterr().out
     config_part, diff_part = out.split("\ndifferences from record")
-    for key, value in flat_config("pr535").items():
+    for key, value in flat_recipe_config("pr535").items():
         assert f"  {key} = {json.dumps(value)}\n" in config_part + "\n", key
     rows = [line.split() for line in diff_part.splitlines()[1:] if line.strip()]
     assert rows[0] == ["key", "record", "pr535"]
