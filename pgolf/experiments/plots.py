@@ -105,16 +105,19 @@ def plot_run_curves(train: dict, val: dict, finals: dict, path, title: str = "Lo
     with plt.rc_context(PLOT_STYLE):
         fig, ax = plt.subplots(figsize=(8, 4.8))
         if train["steps"]:
-            window = max(1, len(train["steps"]) // 20)
-            ax.plot(train["steps"], train["loss"], lw=0.8, alpha=0.35, color="tab:blue",
-                    label="train loss (one batch)")
-            ax.plot(train["steps"], running_mean(train["loss"], window), lw=1.8, color="tab:blue",
-                    label=f"train loss (mean of the last {window} logged batches)")
+            window = max(1, len(train["steps"]) // 8)
+            smooth = window > 1
+            ax.plot(train["steps"], train["loss"], lw=0.8 if smooth else 1.6, alpha=0.35 if smooth else 1.0,
+                    color="tab:blue", label="train loss (one batch)")
+            if smooth:
+                ax.plot(train["steps"], running_mean(train["loss"], window), lw=1.8, color="tab:blue",
+                        label=f"train loss (mean of the last {window} logged batches)")
         if val["steps"]:
             ax.plot(val["steps"], val["loss"], "o-", lw=1.8, ms=5, color="tab:orange",
                     label="validation loss (float model)")
-        for (label, (step, loss)), marker in zip(finals.items(), "sD^v", strict=False):
-            ax.plot([step], [loss], marker, ms=8, ls="none", label=f"validation loss, {label}")
+        styles = zip("sD^v", ("tab:green", "tab:red", "tab:purple", "tab:brown"), strict=True)
+        for (label, (step, loss)), (marker, color) in zip(finals.items(), styles, strict=False):
+            ax.plot([step], [loss], marker, ms=8, ls="none", color=color, label=f"validation loss, {label}")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats/token)")
         ax.legend(frameon=False)
