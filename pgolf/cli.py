@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     ("pgolf.experiments.commands", "add_experiments_commands"),
     ("pgolf.export.commands", "add_export_commands"),
     ("pgolf.demo", "add_demo_commands"),
+    ("pgolf.recipe_commands", "add_recipes_commands"),
 ]
 
 

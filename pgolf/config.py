@@ -284,47 +284,155 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduc
 EVAL_COMPILE_SCOPES = ("model", "blocks")
 
 
+ATTENTION_KERNELS = ("auto", "fa3", "cudnn", "flash", "efficient", "math")
+# The string fields that take one of a fixed set of values (quant.codec's names are pgolf.quant.pipeline's).
+FIELD_CHOICES = {
+    "model.attention": ATTENTION_KERNELS,
+    "model.residual_dtype": ("float32", "bfloat16"),
+    "train.compile_mode": COMPILE_MODES,
+    "train.device": ("auto", "cpu", "cuda"),
+    "quant.method": ("gptq", "rtn"),
+    "quant.clip": ("sdclip", "search", "percentile", "none"),
+    "quant.codec": ("auto", "zlib", "lzma", "zstd", "brotli"),
+    "eval.ttt_mode": ("sgd", "lora"),
+    "eval.compile_scope": EVAL_COMPILE_SCOPES,
+}
+
+
+@dataclass(frozen=True)
+class FieldRange:
+    """An interval for a numeric field: low..high (None = unbounded), each end included unless marked open."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value) -> bool:
+        if value != value:  # NaN
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+RANGE_POSITIVE = FieldRange(0, low_open=True)
+RANGE_NON_NEGATIVE = FieldRange(0)
+RANGE_AT_LEAST_ONE = FieldRange(1)
+RANGE_OFF_OR_INDEX = FieldRange(-1)  # -1 = off, else a layer index
+RANGE_FRACTION = FieldRange(0, 1)
+RANGE_DECAY = FieldRange(0, 1, high_open=True)  # momenta, betas, EMA decay: 1 would never move
+RANGE_BITS = FieldRange(5, 8)
+
+# The range of every int and float field of the tree (tests/test_config_ranges.py checks that none is missing).
+FIELD_RANGES = {
+    "model.vocab_size": RANGE_AT_LEAST_ONE, "model.num_layers": RANGE_AT_LEAST_ONE,
+    "model.model_dim": RANGE_AT_LEAST_ONE, "model.num_heads": RANGE_AT_LEAST_ONE,
+    "model.num_kv_heads": RANGE_AT_LEAST_ONE, "model.mlp_mult": RANGE_POSITIVE, "model.mlp_slope": RANGE_FRACTION,
+    "model.rope_base": RANGE_POSITIVE, "model.rope_dims": RANGE_NON_NEGATIVE, "model.qk_gain_init": RANGE_POSITIVE,
+    "model.logit_softcap": RANGE_NON_NEGATIVE, "model.tied_embed_init_std": RANGE_NON_NEGATIVE,
+    "model.xsa_last_n": RANGE_NON_NEGATIVE, "model.bigram_buckets": RANGE_NON_NEGATIVE,
+    "model.bigram_dim": RANGE_AT_LEAST_ONE, "model.ve_last_n": RANGE_NON_NEGATIVE, "model.ve_dim": RANGE_AT_LEAST_ONE,
+    "model.recur_first": RANGE_OFF_OR_INDEX, "model.recur_last": RANGE_OFF_OR_INDEX,
+    "model.recur_loops": RANGE_NON_NEGATIVE, "model.recur_start_frac": RANGE_FRACTION,
+    "model.parallel_resid_from": RANGE_OFF_OR_INDEX,
+    "model.sparse_attn_gate_scale": RANGE_POSITIVE, "model.gate_window": RANGE_AT_LEAST_ONE,
+    "model.parallel_lanes_from": RANGE_OFF_OR_INDEX,
+    "optim.matrix_lr": RANGE_NON_NEGATIVE, "optim.scalar_lr": RANGE_NON_NEGATIVE,
+    "optim.embed_lr": RANGE_NON_NEGATIVE, "optim.tied_embed_lr": RANGE_NON_NEGATIVE,
+    "optim.head_lr": RANGE_NON_NEGATIVE, "optim.muon_momentum": RANGE_DECAY,
+    "optim.muon_momentum_warmup_start": RANGE_DECAY, "optim.muon_momentum_warmup_steps": RANGE_NON_NEGATIVE,
+    "optim.muon_ns_steps": RANGE_AT_LEAST_ONE, "optim.muon_wd": RANGE_NON_NEGATIVE, "optim.adam_eps": RANGE_POSITIVE,
+    "optim.adam_beta1": RANGE_DECAY, "optim.adam_beta2": RANGE_DECAY, "optim.adam_wd": RANGE_NON_NEGATIVE,
+    "optim.grad_clip": RANGE_NON_NEGATIVE, "optim.embed_wd": FieldRange(-1), "optim.scalar_wd": RANGE_NON_NEGATIVE,
+    "train.seq_len": RANGE_AT_LEAST_ONE, "train.batch_tokens": RANGE_AT_LEAST_ONE,
+    "train.grad_accum": RANGE_AT_LEAST_ONE, "train.wallclock_s": RANGE_NON_NEGATIVE,
+    "train.max_steps": RANGE_AT_LEAST_ONE, "train.warmdown_iters": RANGE_NON_NEGATIVE,
+    "train.warmdown_frac": RANGE_FRACTION, "train.compile_warmup_steps": RANGE_NON_NEGATIVE,
+    "train.ema_decay": RANGE_DECAY, "train.swa_every": RANGE_NON_NEGATIVE, "train.swa_start_scale": RANGE_FRACTION,
+    "train.qat_start_scale": RANGE_FRACTION, "train.calib_reserve_s": RANGE_NON_NEGATIVE,
+    "train.val_every": RANGE_NON_NEGATIVE, "train.log_every": RANGE_NON_NEGATIVE, "train.seed": RANGE_NON_NEGATIVE,
+    "train.checkpoint_every_s": RANGE_NON_NEGATIVE, "train.min_lr": RANGE_FRACTION,
+    "quant.matrix_bits": RANGE_BITS, "quant.embed_bits": RANGE_BITS, "quant.sdclip_k": RANGE_POSITIVE,
+    "quant.fit_k_min": FieldRange(0, 64, low_open=True, high_open=True),
+    "quant.fit_margin": FieldRange(0, 0.1, high_open=True), "quant.sdclip_k_embed": RANGE_POSITIVE,
+    "quant.damp": RANGE_NON_NEGATIVE, "quant.block_size": RANGE_AT_LEAST_ONE,
+    "quant.calib_batches": RANGE_NON_NEGATIVE, "quant.passthrough_numel": RANGE_NON_NEGATIVE,
+    "quant.size_cap": RANGE_AT_LEAST_ONE,
+    "eval.seq_len": RANGE_NON_NEGATIVE, "eval.batch_seqs": RANGE_AT_LEAST_ONE, "eval.val_tokens": RANGE_NON_NEGATIVE,
+    "eval.sliding_stride": RANGE_NON_NEGATIVE, "eval.ttt_chunk_tokens": RANGE_AT_LEAST_ONE,
+    "eval.ttt_epochs": RANGE_AT_LEAST_ONE, "eval.ttt_lr": RANGE_NON_NEGATIVE, "eval.ttt_momentum": RANGE_DECAY,
+    "eval.ttt_batch_seqs": RANGE_AT_LEAST_ONE, "eval.ttt_grad_clip": RANGE_NON_NEGATIVE,
+    "eval.ttt_lora_rank": RANGE_AT_LEAST_ONE, "eval.ttt_time_limit_s": RANGE_NON_NEGATIVE,
+    "eval.time_budget_s": RANGE_NON_NEGATIVE,
+}
+
+
+def config_value(cfg: RunConfig, key: str):
+    """The value at a dotted key such as "model.num_heads"."""
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def validate_config(cfg: RunConfig) -> None:
-    """Cross-field checks that a single field's type cannot express."""
+    """Every numeric field inside its range, every enum-like string one of its values, then the relations
+    between fields (checked only once the ranges hold, so that none of them divides by zero)."""
+    for key, rng in FIELD_RANGES.items():
+        value = config_value(cfg, key)
+        if not rng.holds(value):
+            raise ConfigError(f"{key}={value!r} must be {rng.describe()}")
+    for key, choices in FIELD_CHOICES.items():
+        value = config_value(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {'|'.join(choices)}")
+    for ok, message in config_relations(cfg):
+        if not ok:
+            raise ConfigError(message)
+
+
+def config_relations(cfg: RunConfig) -> list[tuple[bool, str]]:
+    """(holds, message) for each relation between fields; the fields are already inside their ranges."""
     m, t, q, e = cfg.model, cfg.train, cfg.quant, cfg.eval
-    checks = [
-        (m.num_heads % m.num_kv_heads == 0, "model.num_heads must be a multiple of model.num_kv_heads"),
-        (m.model_dim % m.num_heads == 0, "model.model_dim must be a multiple of model.num_heads"),
-        (0.0 <= m.mlp_slope <= 1.0, f"model.mlp_slope={m.mlp_slope} must be in [0, 1]"),
-        (m.rope_dims % 2 == 0 and m.rope_dims <= m.model_dim // m.num_heads,
-         f"model.rope_dims={m.rope_dims} must be even and at most the head dim"),
-        (0 <= m.xsa_last_n <= m.num_layers, f"model.xsa_last_n={m.xsa_last_n} exceeds num_layers"),
-        (0 <= m.ve_last_n <= m.num_layers, f"model.ve_last_n={m.ve_last_n} exceeds num_layers"),
+    head_dim = m.model_dim // m.num_heads
+    eval_seq = e.seq_len or t.seq_len
+    return [
+        (m.model_dim % m.num_heads == 0,
+         f"model.model_dim={m.model_dim} must be a multiple of model.num_heads={m.num_heads}"),
+        (m.num_heads % m.num_kv_heads == 0,
+         f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}"),
+        (m.rope_dims % 2 == 0 and m.rope_dims <= head_dim,
+         f"model.rope_dims={m.rope_dims} must be even and at most the head dim {head_dim}"),
+        (m.rope_dims > 0 or head_dim % 2 == 0,
+         f"model.rope_dims=0 rotates the whole head, whose dim {head_dim} must then be even"),
+        (m.xsa_last_n <= m.num_layers, f"model.xsa_last_n={m.xsa_last_n} exceeds model.num_layers={m.num_layers}"),
+        (m.ve_last_n <= m.num_layers, f"model.ve_last_n={m.ve_last_n} exceeds model.num_layers={m.num_layers}"),
         (m.recur_loops == 0 or 0 <= m.recur_first <= m.recur_last < m.num_layers,
-         "model.recur_first..recur_last must be a span of layers when recur_loops > 0"),
-        (m.attention in ("auto", "fa3", "cudnn", "flash", "efficient", "math"),
-         f"model.attention={m.attention!r} is not one of auto|fa3|cudnn|flash|efficient|math"),
-        (m.residual_dtype in ("float32", "bfloat16"),
-         f"model.residual_dtype={m.residual_dtype!r} is not float32|bfloat16"),
+         f"model.recur_first={m.recur_first}..recur_last={m.recur_last} must be a span inside the "
+         f"{m.num_layers} layers when model.recur_loops={m.recur_loops} > 0"),
+        (m.parallel_resid_from < m.num_layers,
+         f"model.parallel_resid_from={m.parallel_resid_from} must be below model.num_layers={m.num_layers}"),
         (not (m.native_gqa and m.attention == "efficient"),
          "model.native_gqa needs a kernel that reads unexpanded K/V: model.attention=efficient has none"),
-        (1 <= m.gate_window <= m.model_dim, f"model.gate_window={m.gate_window} must be in 1..model_dim"),
+        (m.gate_window <= m.model_dim, f"model.gate_window={m.gate_window} must be at most model.model_dim"),
         (not (m.smear_gate and m.smear_gate_v2), "model.smear_gate and model.smear_gate_v2: choose one"),
-        (-1 <= m.parallel_lanes_from < m.num_layers,
+        (m.parallel_lanes_from < m.num_layers,
          f"model.parallel_lanes_from={m.parallel_lanes_from} must be -1 (off) or a layer index"),
         (m.parallel_lanes_from < 0 or m.parallel_resid_from < 0,
          "model.parallel_lanes_from and model.parallel_resid_from: choose one parallel residual"),
-        (t.batch_tokens % t.seq_len == 0, "train.batch_tokens must be a multiple of train.seq_len"),
-        (t.compile_mode in COMPILE_MODES,
-         f"train.compile_mode={t.compile_mode!r} is not one of {'|'.join(COMPILE_MODES)}"),
-        (q.method in ("gptq", "rtn"), f"quant.method={q.method!r} is not gptq|rtn"),
-        (q.clip in ("sdclip", "search", "percentile", "none"), f"quant.clip={q.clip!r} is unknown"),
-        (5 <= q.matrix_bits <= 8 and 5 <= q.embed_bits <= 8, "quant bits must be in 5..8"),
-        (q.sdclip_k > 0 and q.sdclip_k_embed > 0, "quant.sdclip_k and quant.sdclip_k_embed must be > 0"),
-        (0 < q.fit_k_min < 64, f"quant.fit_k_min={q.fit_k_min} must be in (0, 64)"),
-        (0 <= q.fit_margin < 0.1, f"quant.fit_margin={q.fit_margin} must be in [0, 0.1)"),
-        (not q.fit_k or q.clip == "sdclip", "quant.fit_k needs quant.clip=sdclip"),
-        (e.ttt_mode in ("sgd", "lora"), f"eval.ttt_mode={e.ttt_mode!r} is not sgd|lora"),
-        (e.compile_scope in EVAL_COMPILE_SCOPES,
-         f"eval.compile_scope={e.compile_scope!r} is not one of {'|'.join(EVAL_COMPILE_SCOPES)}"),
+        (t.batch_tokens % t.seq_len == 0,
+         f"train.batch_tokens={t.batch_tokens} must be a multiple of train.seq_len={t.seq_len}"),
+        (t.batch_tokens % (t.seq_len * t.grad_accum) == 0,
+         f"train.batch_tokens={t.batch_tokens} does not split into train.grad_accum={t.grad_accum} "
+         f"micro-steps of whole {t.seq_len}-token sequences"),
+        (t.wallclock_s == 0 or t.calib_reserve_s < t.wallclock_s,
+         f"train.calib_reserve_s={t.calib_reserve_s} must be below train.wallclock_s={t.wallclock_s}"),
+        (e.sliding_stride <= eval_seq,
+         f"eval.sliding_stride={e.sliding_stride} exceeds the evaluation's sequence length {eval_seq}"),
+        (not q.fit_k or q.clip == "sdclip", f"quant.fit_k needs quant.clip=sdclip, not {q.clip!r}"),
         (e.val_tokens == 0 or e.val_tokens >= 2,
          f"eval.val_tokens={e.val_tokens} must be 0 (the whole validation split) or at least 2"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)

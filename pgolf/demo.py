@@ -52,6 +52,7 @@ def demo_config(data_dir: Path, out: Path, steps: int, overrides: list[str]):
     cfg.name = "run"
     cfg.train.max_steps = steps
     cfg.train.warmdown_iters = max(1, steps // 3)
+    cfg.train.val_every = max(1, steps // 6)  # a validation curve beside the training loss in the report
     return apply_overrides(cfg, overrides)
 
 

@@ -88,6 +88,46 @@ def plot_loss_curves(curves: dict, path, title: str = "Training loss") -> Path:
     return Path(path)
 
 
+def running_mean(values: list[float], window: int) -> list[float]:
+    """The mean of the last `window` values at each point (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_run_curves(train: dict, val: dict, finals: dict, path, title: str = "Loss") -> Path:
+    """One run's losses, all in nats/token: train {"steps", "loss"} per logged batch and their running mean,
+    val {"steps", "loss"} (validation of the float model during and after training) and finals
+    {label: (step, val_loss)} (the scored stages of the record, at the last step)."""
+    plt = pyplot()
+    with plt.rc_context(PLOT_STYLE):
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        if train["steps"]:
+            window = max(1, len(train["steps"]) // 8)
+            smooth = window > 1
+            ax.plot(train["steps"], train["loss"], lw=0.8 if smooth else 1.6, alpha=0.35 if smooth else 1.0,
+                    color="tab:blue", label="train loss (one batch)")
+            if smooth:
+                ax.plot(train["steps"], running_mean(train["loss"], window), lw=1.8, color="tab:blue",
+                        label=f"train loss (mean of the last {window} logged batches)")
+        if val["steps"]:
+            ax.plot(val["steps"], val["loss"], "o-", lw=1.8, ms=5, color="tab:orange",
+                    label="validation loss (float model)")
+        styles = zip("sD^v", ("tab:green", "tab:red", "tab:purple", "tab:brown"), strict=True)
+        for (label, (step, loss)), (marker, color) in zip(finals.items(), styles, strict=False):
+            ax.plot([step], [loss], marker, ms=8, ls="none", color=color, label=f"validation loss, {label}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.legend(frameon=False)
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(path, bbox_inches="tight")
+        plt.close(fig)
+    return Path(path)
+
+
 def plot_metrics_vs_arm(arms: list[dict], metrics: list[str], path, xlabel: str | None = None) -> Path:
     """One panel per metric: mean ± 95% CI per arm. arms: [{"label", "x" (number or None), metric: (mean, ci)}].
 

@@ -17,6 +17,7 @@ from pgolf.experiments.plots import (
     plot_metrics_vs_arm,
     plot_paired_deltas,
     plot_quant_delta,
+    plot_run_curves,
 )
 from pgolf.experiments.results import arm_label, query_runs, read_run_record
 from pgolf.experiments.stats import (
@@ -331,6 +332,27 @@ def _write_figures(arms: list[dict], base: dict, out: Path) -> list[str]:
     return written
 
 
+FINAL_STAGE_LABELS = {"roundtrip": "quantized", "sliding": "quantized, sliding window", "ttt": "quantized, TTT"}
+
+
+def plot_single_run(run_dir: Path, record: dict, path: Path) -> bool:
+    """One run's train and validation losses from its metrics.jsonl records, and the record's scored stages
+    at the last step; False when the run logged no loss."""
+    lines = read_metrics_jsonl(run_dir)
+    train = [(m["step"], m["loss"]) for m in lines if m.get("kind") == "train" and "loss" in m]
+    val = sorted({m["step"]: m["val_loss"] for m in lines if m.get("kind") == "val" and "val_loss" in m}.items())
+    if not train and not val:
+        return False
+    last = max([s for s, _ in train + val])
+    metrics = record.get("metrics") or {}
+    finals = {label: (last, metrics[f"{stage}_loss"]) for stage, label in FINAL_STAGE_LABELS.items()
+              if metrics.get(f"{stage}_loss") is not None}
+    plot_run_curves({"steps": [s for s, _ in train], "loss": [v for _, v in train]},
+                    {"steps": [s for s, _ in val], "loss": [v for _, v in val]}, finals, path,
+                    title=f"Run {record.get('run_id') or run_dir.name}: loss")
+    return True
+
+
 def report_single_run(run_dir, out_dir) -> Path:
     """A short report.md and the loss curve of one run (for `pgolf demo`); returns the report's path."""
     run_dir, out = Path(run_dir), Path(out_dir)
@@ -356,10 +378,7 @@ def report_single_run(run_dir, out_dir) -> Path:
         verdict = "fits" if size["total"] <= cap else "does NOT fit"
         lines += ["", f"Bytes: code {size.get('code'):,} + artifact {size.get('artifact'):,} = {size['total']:,}"
                       f" ({verdict} the {cap:,} cap)."]
-    curve = _mean_curve([str(run_dir)])
-    if curve:
-        plot_loss_curves({record.get("run_id") or run_dir.name: curve}, out / "loss_curve.png",
-                         title="Training loss")
+    if plot_single_run(run_dir, record, out / "loss_curve.png"):
         lines += ["", "![loss curve](loss_curve.png)"]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")

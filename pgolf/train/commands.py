@@ -16,7 +16,7 @@ def add_train_commands(subparsers) -> None:
                               description="Train a recipe and write runs/<name>/ (config, env, metrics, "
                                           "checkpoints, weights, artifact, record.json). Multi-GPU: "
                                           "torchrun --nproc_per_node=N -m pgolf train ...")
-    p.add_argument("--recipe", help="recipe name (baseline, record, tiny); not needed with --resume")
+    p.add_argument("--recipe", help="recipe name (`pgolf recipes` lists them); not needed with --resume")
     p.add_argument("--data", help="folder with the train/val shards (and the tokenizer unless --tokenizer)")
     p.add_argument("--tokenizer", help="SentencePiece .model file")
     p.add_argument("--wallclock", type=float, help="timed training budget in seconds (train.wallclock_s)")

@@ -335,9 +335,9 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
     def observe(issued: IssuedStep, steps_ahead: int) -> str:
         """Wait for `issued` to end, log it, and return why to stop ("" to go on): "nan", or "wallclock" when
         steps_ahead more steps (the one in flight, then the next) would end past the budget."""
-        loss_value, finite = issued.finite_loss()
+        loss_value, ended_s, finite = issued.end_time(lambda: timer.elapsed("train_loop"), state.elapsed_s)
         # one MAX all-reduce a step: [elapsed, non-finite loss]
-        elapsed, bad = all_reduce_max_many([timer.elapsed("train_loop"), 0.0 if finite else 1.0])
+        elapsed, bad = all_reduce_max_many([ended_s, 0.0 if finite else 1.0])
         step_s = elapsed - state.elapsed_s  # from the all-reduced clock: every rank decides alike
         state.elapsed_s, state.last_loss = elapsed, loss_value
         if bad:
@@ -376,7 +376,8 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
             ema.update(model)
         if swa is not None:
             swa.maybe_update(model, state.step, scale)
-        previous, in_flight = in_flight, IssuedStep(state.step, state.train_tokens, scale, LossReadback(loss))
+        previous, in_flight = in_flight, IssuedStep(state.step, state.train_tokens, scale, LossReadback(loss),
+                                                    issued_s=timer.elapsed("train_loop"))
         if previous is not None:
             state.stop_reason = observe(previous, steps_ahead=2)  # the step just issued, then the next one
         if not state.stop_reason and state.step >= t.max_steps:

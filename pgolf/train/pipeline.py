@@ -27,6 +27,10 @@ class LossReadback:
         else:
             self.host = loss
 
+    def done(self) -> bool:
+        """Whether the step that computed the loss has finished on the device (on the CPU it always has)."""
+        return self.event is None or self.event.query()
+
     def value(self) -> float:
         """The loss as a float, once the step that computed it has finished on the device."""
         if self.event is not None:
@@ -37,11 +41,24 @@ class LossReadback:
 @dataclass
 class IssuedStep:
     """A step the host has issued and not looked at yet: its number, the tokens trained once it ends, the LR
-    scale it ran with, and its loss on the way."""
+    scale it ran with, its loss on the way, and the train clock when the host had issued it (`issued_s`).
+
+    A step ends once the host has issued it and the device has run it. When the readback finds the device
+    already done, the step ended at `issued_s` (on the CPU always: the step ran while it was issued), not
+    when the host got round to looking, which may be a whole step later (see `end_time`)."""
     step: int
     train_tokens: int
     lr_scale: float
     loss: LossReadback
+    issued_s: float = 0.0
+
+    def end_time(self, clock, previous_end_s: float) -> tuple[float, float, bool]:
+        """(loss, the train clock at the step's end, whether the loss is finite), waiting for the device if it
+        still runs the step; never before `previous_end_s`, the end of the step before."""
+        already_done = self.loss.done()
+        value, finite = self.finite_loss()
+        end_s = self.issued_s if already_done else clock()
+        return value, max(end_s, previous_end_s), finite
 
     def finite_loss(self) -> tuple[float, bool]:
         value = self.loss.value()
