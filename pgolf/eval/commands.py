@@ -72,11 +72,12 @@ def eval_load_model(artifact: Path, cfg: RunConfig, device: torch.device):
 
 
 def eval_load_data(cfg: RunConfig, max_tokens: int):
-    """Validation tokens (FILE_AUDIT phase "eval"), the byte LUT, and the val file paths."""
+    """Validation tokens (FILE_AUDIT phase "eval") and their byte source (the val byte sidecar where the data
+    has one, else the byte LUT: pgolf.data.sidecar.load_val_byte_source)."""
     from pgolf.data.build import load_sentencepiece
-    from pgolf.data.bytes import build_byte_luts
     from pgolf.data.loader import load_val_tokens
     from pgolf.data.shards import FILE_AUDIT, list_shards
+    from pgolf.data.sidecar import load_val_byte_source
     from pgolf.data.tokenizer import resolve_tokenizer_path
 
     folder = Path(cfg.data.path)
@@ -84,9 +85,11 @@ def eval_load_data(cfg: RunConfig, max_tokens: int):
         raise UserError(f"data folder {str(folder)!r} does not exist")
     val_files = list_shards(folder, cfg.data.val_pattern)
     tokenizer = resolve_tokenizer_path(cfg.data)
+    sp = load_sentencepiece(tokenizer)
     with FILE_AUDIT.phase("eval"):
         tokens = load_val_tokens(val_files, vocab_size=cfg.model.vocab_size, max_tokens=max_tokens)
-    return tokens, build_byte_luts(load_sentencepiece(tokenizer), cfg.model.vocab_size)
+        source = load_val_byte_source(val_files, tokens, sp, cfg.model.vocab_size)
+    return tokens, source
 
 
 def eval_device(cfg: RunConfig) -> torch.device:
