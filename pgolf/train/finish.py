@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from pgolf.config import RunConfig, config_hash, config_to_dict
+from pgolf.data.bytes import ByteSidecar
 from pgolf.data.loader import load_val_tokens
 from pgolf.data.shards import FILE_AUDIT, resolve_shard_files, shard_token_count
 from pgolf.dist import DistEnv, barrier, print0
@@ -84,13 +85,14 @@ def fill_eval_scope(record: dict, cache: dict) -> None:
         return
     n, split = int(cache["tokens"].numel()), int(cache["split_tokens"])
     record["eval"] = {"val_tokens": n, "val_split_tokens": split, "val_subset": n < split}
-    record["eval"].update(val_byte_denominators(cache["tokens"], cache["lut"]))
+    if isinstance(cache["lut"], ByteSidecar):  # CaseOps data: both denominators (plain data's record is unchanged)
+        record["eval"].update(val_byte_denominators(cache["tokens"], cache["lut"]))
 
 
 def val_byte_denominators(tokens: torch.Tensor, source) -> dict:
     """The bytes of the val_tokens - 1 targets every evaluation scores: "bytes_source" (sidecar | lut),
     "val_bytes" (the denominator of the run's bpb) and, with a sidecar, "val_lut_bytes" (the tokenizer LUT's)."""
-    from pgolf.data.bytes import ByteSidecar, byte_lut_of
+    from pgolf.data.bytes import byte_lut_of
     from pgolf.eval.bpb import stream_byte_cumsum
 
     out = {"bytes_source": "sidecar" if isinstance(source, ByteSidecar) else "lut",
