@@ -243,7 +243,84 @@ def recipe_pr493() -> RunConfig:
     return cfg
 
 
-RECIPES = {"baseline": recipe_baseline, "record": recipe_record, "tiny": recipe_tiny,
+def recipe_frontier() -> RunConfig:
+    """The 2026-04-27 record (FineWeb 1.06108, #1 of the final leaderboard) on pgolf's fields; CaseOps SP8192 data.
+
+    shared/reference/frontier.md §4.5 is the run configuration this follows. What differs from the record's
+    script, and why:
+    - quantization: pgolf's GPTQ with one SDClip k for all matrices, fitted to fill the cap (quant.fit_k), in
+      place of the per-role sigmas, LQER and int8 gates (their own issue); embeddings int7 as in the record;
+      calibration inside the timed budget (train.calib_reserve_s), where the record reserves 0.5 s;
+    - evaluation: pgolf's sliding window and stream TTT, in place of the record's per-document LoRA TTT with
+      phased global SGD (its own issue); scoring is not document-isolated yet;
+    - document masking: (B, T) rows cut at their ends, where the record packs one flat row per GPU and cuts
+      documents at 2,048 tokens from their start (pgolf.model.doc_attention says why);
+    - tok_emb is trained in float32 (the record trains it in bf16); grad clip by the exact global norm of the
+      averaged gradients (the record clips each rank's own before averaging; the same on one GPU).
+    """
+    cfg = RunConfig(recipe="frontier")
+    cfg.data.path = "data/wiki-caseops"
+    m = cfg.model
+    m.vocab_size = 8192
+    m.num_layers = 11
+    m.mlp_mult = 4.0
+    m.mlp_slope = 0.5
+    m.xsa_last_n = 11
+    m.rope_dims = 16
+    m.ln_scale = True
+    m.qk_gain_init = 5.0
+    m.recur_first, m.recur_last, m.recur_loops, m.recur_start_frac = 3, 5, 2, 0.35
+    m.parallel_lanes_from = 8
+    m.skip_gates = True
+    m.smear_gate_v2 = True
+    m.sparse_attn_gate = True
+    m.sparse_attn_gate_scale = 0.5
+    m.gate_window = 12
+    m.ortho_init = True
+    m.residual_dtype = "bfloat16"
+    m.fused_qk = True
+    m.fused_ce = True
+    o = cfg.optim
+    o.matrix_lr = 0.026
+    o.scalar_lr = 0.02
+    o.tied_embed_lr = 0.03
+    o.adam_beta2 = 0.99
+    o.muon_momentum = 0.97
+    o.muon_momentum_warmup_start = 0.92
+    o.muon_momentum_warmup_steps = 1500
+    o.muon_row_normalize = True
+    o.muon_polar_express = True
+    o.muon_wd = 0.095
+    o.embed_wd = 0.085
+    o.scalar_wd = 0.02
+    o.grad_clip = 0.3
+    t = cfg.train
+    t.seq_len = 2048
+    t.batch_tokens = 786_432
+    t.warmdown_frac = 0.85
+    t.min_lr = 0.1
+    t.ema_decay = 0.9965
+    t.doc_mask = True
+    t.mix_order_reduction = False
+    t.calib_reserve_s = 5.0  # 16 batches through the looped model: not measured yet (record: 32 in ~5 s)
+    q = cfg.quant
+    q.method = "gptq"
+    q.matrix_bits = 6
+    q.embed_bits = 7
+    q.clip = "sdclip"
+    q.sdclip_k_embed = 14.0
+    q.calib_batches = 16
+    q.fit_k = True
+    e = cfg.eval
+    e.sliding_stride = 64
+    e.ttt = True
+    e.ttt_lr = 0.005
+    e.precompile = True
+    e.compile_scope = "model"
+    return cfg
+
+
+RECIPES = {"baseline": recipe_baseline, "record": recipe_record, "frontier": recipe_frontier, "tiny": recipe_tiny,
            "pr493": recipe_pr493, "pr535": recipe_pr535, "pr1062": recipe_pr1062, "pr1427": recipe_pr1427}
 
 

@@ -64,7 +64,7 @@ def test_check_passes_a_real_model_and_fails_a_val_read_in_training(run_dir, cap
                                                      ["eval", str(data / "fineweb_val_000000.bin")]]))
     assert main(["check", str(run), "--data", str(data), "--tokens", "129", "--method", "ttt"]) == 0
     out = capsys.readouterr().out
-    assert out.count("PASS") == 5 and "FAIL  " not in out and "== ttt" in out
+    assert out.count("PASS") == 6 and "FAIL  " not in out and "== ttt" in out  # 5 checks + the verdict
     (run / "file_audit.json").write_text(json.dumps([["train", str(data / "fineweb_val_000000.bin")]]))
     assert main(["check", str(run), "--data", str(data), "--tokens", "129", "--method", "plain"]) == 1
     assert "was opened in phase 'train'" in capsys.readouterr().out

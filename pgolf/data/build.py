@@ -6,6 +6,13 @@ validation split, the rest the training split. Tokens of a split are streamed in
 `shard_tokens` tokens (documents may straddle two shards; the last shard of a split is shorter), named
 fineweb_val_000000.bin, fineweb_train_000000.bin, .... Encoding runs in worker processes, order preserved.
 The tokenizer .model is copied beside the shards and a manifest.json records files, counts and hashes.
+
+With caseops=True (`pgolf data build --caseops`, a CaseOps tokenizer) each document is rewritten by
+pgolf.data.caseops.caseops_encode before tokenizing, and the val split gets its per-token byte sidecar,
+fineweb_val_bytes_NNNNNN.bin beside each fineweb_val_NNNNNN.bin (same header, one uint16 per token: the
+original text's UTF-8 bytes the token stands for; BOS and case operators 0). The manifest records
+"text_transform" ("identity" without --caseops) and, under "byte_sidecar", the sidecar files with their
+sha256 and the byte total.
 """
 
 import contextlib
@@ -18,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pgolf.data.caseops import CASEOPS_TRANSFORM, caseops_encode, caseops_encode_document, is_caseops_tokenizer
 from pgolf.data.corpus import iter_documents
 from pgolf.data.shards import write_shard
 from pgolf.errors import UserError
@@ -64,9 +72,31 @@ def encode_documents(sp, texts: list[str]) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint16)
 
 
-def _encode_batch_in_worker(task: tuple[str, list[str]]) -> tuple[str, int, np.ndarray]:
-    split, texts = task
-    return split, len(texts), encode_documents(_WORKER_SP, texts)
+def encode_caseops_documents(sp, texts: list[str], with_bytes: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """BOS + ids of each CaseOps-transformed text, concatenated (uint16); with_bytes: the byte sidecar of
+    those tokens too (BOS 0), else None."""
+    if not with_bytes:
+        return encode_documents(sp, [caseops_encode(t) for t in texts]), None
+    tokens, counts = [], []
+    for text in texts:
+        ids, n_bytes = caseops_encode_document(sp, text)
+        tokens.append(np.array([BUILD_BOS_ID, *ids], dtype=np.uint16))
+        counts.append(np.concatenate([[0], n_bytes]).astype(np.uint16))
+    if not tokens:
+        return np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.uint16)
+    return np.concatenate(tokens), np.concatenate(counts)
+
+
+def encode_batch(sp, split: str, texts: list[str], caseops: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(tokens, val byte sidecar or None) of one batch of documents."""
+    if caseops:
+        return encode_caseops_documents(sp, texts, with_bytes=split == "val")
+    return encode_documents(sp, texts), None
+
+
+def _encode_batch_in_worker(task: tuple[str, list[str], bool]) -> tuple[str, int, tuple]:
+    split, texts, caseops = task
+    return split, len(texts), encode_batch(_WORKER_SP, split, texts, caseops)
 
 
 def split_batches(docs, val_docs: int, batch_docs: int = BUILD_BATCH_DOCS):
@@ -93,10 +123,12 @@ class ShardStreamWriter:
         self.files: list[dict] = []
         self.docs = 0
         self.tokens = 0
+        self.byte_total = 0  # the sum of the values written (a byte sidecar's bytes)
 
     def add(self, tokens: np.ndarray, docs: int) -> None:
         self.docs += docs
         self.tokens += tokens.size
+        self.byte_total += int(tokens.sum(dtype=np.int64))
         pos = 0
         while pos < tokens.size:
             take = min(self.shard_tokens - self.fill, tokens.size - pos)
@@ -120,13 +152,23 @@ class ShardStreamWriter:
         self.flush()
 
 
-def _encoded_batches(batches, model_path: Path, pool):
+def _encoded_batches(batches, model_path: Path, pool, caseops: bool):
     if pool is None:
         sp = load_sentencepiece(model_path)
         for split, texts in batches:
-            yield split, len(texts), encode_documents(sp, texts)
+            yield split, len(texts), encode_batch(sp, split, texts, caseops)
         return
-    yield from pool.imap(_encode_batch_in_worker, batches, chunksize=4)
+    tasks = ((split, texts, caseops) for split, texts in batches)
+    yield from pool.imap(_encode_batch_in_worker, tasks, chunksize=4)
+
+
+def check_build_tokenizer(sp, tokenizer_path: Path, caseops: bool) -> None:
+    """A CaseOps build needs a CaseOps tokenizer, and a CaseOps tokenizer a CaseOps build."""
+    if caseops and not is_caseops_tokenizer(sp):
+        raise UserError(f"{tokenizer_path}: --caseops needs a CaseOps tokenizer (pieces U+E001..U+E004), this has none")
+    if not caseops and is_caseops_tokenizer(sp):
+        raise UserError(f"{tokenizer_path}: a CaseOps tokenizer; pass --caseops (its text must be transformed, "
+                        "and its val split needs the byte sidecar)")
 
 
 def _start_pool(stack: contextlib.ExitStack, model_path: Path, workers: int):
@@ -139,7 +181,7 @@ def _start_pool(stack: contextlib.ExitStack, model_path: Path, workers: int):
 
 
 def build_split_shards(doc_files, tokenizer_path, val_docs: int, out_dir, workers: int | None = None,
-                       shard_tokens: int = BUILD_SHARD_TOKENS, progress: bool = True) -> dict:
+                       shard_tokens: int = BUILD_SHARD_TOKENS, progress: bool = True, caseops: bool = False) -> dict:
     """Build val + train shards from JSONL documents; return the manifest (also written to manifest.json)."""
     doc_files = [Path(p) for p in doc_files]
     tokenizer_path, out_dir = Path(tokenizer_path), Path(out_dir)
@@ -151,10 +193,12 @@ def build_split_shards(doc_files, tokenizer_path, val_docs: int, out_dir, worker
     vocab = sp.get_piece_size()
     if vocab > 65536:
         raise UserError(f"{tokenizer_path}: vocab size {vocab} does not fit the uint16 shard format")
+    check_build_tokenizer(sp, tokenizer_path, caseops)
     workers = workers or os.cpu_count() or 1
     out_dir.mkdir(parents=True, exist_ok=True)
     writers = {"val": ShardStreamWriter(out_dir, "val", shard_tokens),
                "train": ShardStreamWriter(out_dir, "train", shard_tokens)}
+    sidecar = ShardStreamWriter(out_dir, "val_bytes", shard_tokens) if caseops else None
     batches = split_batches(iter_documents(doc_files), val_docs)
     with contextlib.ExitStack() as stack:
         pool = _start_pool(stack, tokenizer_path, workers)  # before the progress bar, so no child inherits it
@@ -163,12 +207,14 @@ def build_split_shards(doc_files, tokenizer_path, val_docs: int, out_dir, worker
             from tqdm import tqdm
 
             bar = stack.enter_context(tqdm(unit="doc", desc="tokenizing", dynamic_ncols=True, mininterval=1.0))
-        for split, n_docs, tokens in _encoded_batches(batches, tokenizer_path, pool):
+        for split, n_docs, (tokens, n_bytes) in _encoded_batches(batches, tokenizer_path, pool, caseops):
             writers[split].add(tokens, n_docs)
+            if n_bytes is not None:
+                sidecar.add(n_bytes, n_docs)
             if bar is not None:
                 bar.update(n_docs)
                 bar.set_postfix_str(f"{writers['val'].tokens + writers['train'].tokens:,} tok", refresh=False)
-    for w in writers.values():
+    for w in [*writers.values(), sidecar] if sidecar else writers.values():
         w.close()
     if writers["val"].docs < val_docs:
         raise UserError(f"only {writers['val'].docs} documents in the corpus; --val-docs asks for {val_docs}")
@@ -183,6 +229,10 @@ def build_split_shards(doc_files, tokenizer_path, val_docs: int, out_dir, worker
         "sources": [{"file": p.name, "sha256": shard_file_sha256(p)} for p in doc_files],
         "splits": {s: {"docs": w.docs, "tokens": w.tokens, "files": len(w.files)} for s, w in writers.items()},
         "files": writers["val"].files + writers["train"].files,
+        "text_transform": CASEOPS_TRANSFORM if caseops else "identity",
     }
+    if sidecar is not None:
+        manifest["byte_sidecar"] = {"dtype": "uint16", "per": "val token", "files": sidecar.files,
+                                    "bytes": int(sidecar.byte_total)}
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -8,6 +8,11 @@ bpb divides the summed loss by the number of UTF-8 bytes the scored tokens stand
 So for a BOS-led document the bytes of its tokens add up to the UTF-8 length of the decoded (normalized) text.
 A vocabulary with no standalone "▁" piece is refused: such tokenizers fold spaces into other pieces in ways
 these rules do not count (PG#897 measured bpb about 20% too low).
+
+Data whose text was transformed before tokenizing (CaseOps, pgolf.data.caseops) cannot be counted from the
+pieces: it comes with a per-token byte sidecar, held here as a `ByteSidecar` (the val stream's bytes per
+position, plus the tokenizer's ByteLUT for the second denominator). Every scorer takes either as its `lut`;
+with a sidecar, a target's bytes are read at its position in the stream, not looked up from its id.
 """
 
 from dataclasses import dataclass
@@ -27,6 +32,20 @@ class ByteLUT:
 
     def to(self, device) -> "ByteLUT":
         return ByteLUT(self.base_bytes.to(device), self.has_space.to(device), self.is_boundary.to(device))
+
+
+@dataclass
+class ByteSidecar:
+    token_bytes: torch.Tensor  # int32 (n,): original UTF-8 bytes of each token of the val stream (BOS 0)
+    lut: ByteLUT  # the tokenizer's table: its bytes are reported beside the sidecar's, never used in place
+
+    def to(self, device) -> "ByteSidecar":
+        return ByteSidecar(self.token_bytes.to(device), self.lut.to(device))
+
+
+def byte_lut_of(source) -> ByteLUT:
+    """The ByteLUT of a byte source (a ByteLUT, or a ByteSidecar's table)."""
+    return source.lut if isinstance(source, ByteSidecar) else source
 
 
 def build_byte_luts(sp, vocab_size: int) -> ByteLUT:
@@ -55,8 +74,13 @@ def build_byte_luts(sp, vocab_size: int) -> ByteLUT:
     return ByteLUT(base, space, boundary)
 
 
-def target_byte_counts(prev_ids: torch.Tensor, target_ids: torch.Tensor, lut: ByteLUT) -> torch.Tensor:
-    """Bytes each target token stands for (int32, same shape), given the token before it."""
+def target_byte_counts(prev_ids: torch.Tensor, target_ids: torch.Tensor, lut, target_pos=None) -> torch.Tensor:
+    """Bytes each target token stands for (int32, same shape): from a ByteLUT given the token before it, or
+    from a ByteSidecar at target_pos (the targets' positions in the stream the sidecar belongs to)."""
+    if isinstance(lut, ByteSidecar):
+        if target_pos is None:
+            raise UserError("a byte sidecar counts targets by their stream positions: target_pos is required")
+        return lut.token_bytes[target_pos.long()].to(torch.int32)
     tgt = target_ids.long()
     prev = prev_ids.long()
     count = lut.base_bytes[tgt].to(torch.int32)

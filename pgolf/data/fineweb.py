@@ -7,6 +7,8 @@ and the repo-relative `model_path` / `vocab_path` / `path` of their files). We f
 the variant's val shards, its first N train shards and its tokenizer files, into
 OUT/manifest.json, OUT/datasets/<dataset>/ and OUT/tokenizers/. A file already present and verified is
 skipped, so an interrupted download resumes; each shard's header and size are checked after download.
+The variants are the plain sp1024 / sp8192 ones: CaseOps shards and their val byte sidecar are built from
+the documents (JSONL) with `pgolf data build --caseops` (pgolf.data.build).
 """
 
 import json

@@ -21,6 +21,9 @@ SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 SHARD_TOKEN_DTYPE = np.dtype("<u2")
+# A per-token byte sidecar (fineweb_val_bytes_000000.bin, pgolf.data.sidecar) has the shard format but holds
+# byte counts, not tokens: globs for shards skip names with this mark (fineweb_val_*.bin matches them).
+BYTE_SIDECAR_MARK = "_bytes_"
 
 
 class ShardError(UserError):
@@ -136,10 +139,15 @@ def write_shard(path, tokens) -> int:
     return HEADER_BYTES + 2 * arr.size
 
 
+def is_byte_sidecar(path) -> bool:
+    """Whether a file name is that of a per-token byte sidecar rather than a token shard."""
+    return BYTE_SIDECAR_MARK in Path(path).name
+
+
 def list_shards(folder, pattern: str) -> list[Path]:
     """Shards in `folder` matching the glob `pattern`, sorted by name; none is an error."""
     folder = Path(folder)
-    found = sorted(p for p in folder.glob(pattern) if p.is_file())
+    found = sorted(p for p in folder.glob(pattern) if p.is_file() and not is_byte_sidecar(p))
     if not found:
         raise ShardError(f"no shard matches {pattern!r} in {folder}")
     return found
@@ -151,7 +159,7 @@ def resolve_shard_files(pattern_or_files) -> list[Path]:
         text = str(pattern_or_files)
         if Path(text).is_file():
             return [Path(text)]
-        found = sorted(Path(p) for p in glob.glob(text) if Path(p).is_file())
+        found = sorted(Path(p) for p in glob.glob(text) if Path(p).is_file() and not is_byte_sidecar(p))
         if not found:
             raise ShardError(f"no shard matches {text!r}")
         return found

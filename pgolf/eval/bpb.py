@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from pgolf.data.bytes import target_byte_counts
+from pgolf.data.bytes import ByteSidecar, target_byte_counts
 from pgolf.dist import is_dist_active
 from pgolf.errors import UserError
 from pgolf.eval.scoring import WindowScorer, check_compile_scope, check_scorer, eval_autocast, model_device
@@ -77,9 +77,26 @@ def check_eval_inputs(val_tokens: torch.Tensor, seq_len: int, batch_seqs: int) -
 
 
 def stream_byte_cumsum(val_tokens: torch.Tensor, lut) -> torch.Tensor:
-    """cum[i] = bytes of targets 1..i (prediction positions 0..i-1), int64, length n; for range sums."""
-    per_target = target_byte_counts(val_tokens[:-1], val_tokens[1:], lut.to(val_tokens.device)).long()
+    """cum[i] = bytes of targets 1..i (prediction positions 0..i-1), int64, length n; for range sums. `lut` is a
+    ByteLUT or a ByteSidecar (pgolf.data.bytes) of exactly this stream's positions."""
+    n = val_tokens.numel()
+    if isinstance(lut, ByteSidecar) and lut.token_bytes.numel() != n:
+        raise UserError(f"the byte sidecar holds {lut.token_bytes.numel():,} values but the validation stream has "
+                        f"{n:,} tokens: they must be cut at the same positions")
+    pos = torch.arange(1, n, device=val_tokens.device)
+    per_target = target_byte_counts(val_tokens[:-1], val_tokens[1:], lut.to(val_tokens.device), pos).long()
     return torch.cat([torch.zeros(1, dtype=torch.int64), per_target.cpu().cumsum(0)])
+
+
+def lut_bytes_report(val_tokens: torch.Tensor, lut, windows, nll_sum: float) -> dict:
+    """With a ByteSidecar: the tokenizer LUT's bytes over the same scored targets (the windows' score_from+1
+    .. end, every rank's) and the bpb they would give, as "lut_bytes" and "lut_bpb"; {} with a ByteLUT."""
+    if not isinstance(lut, ByteSidecar) or not windows:
+        return {}
+    cum = stream_byte_cumsum(val_tokens.cpu().long(), lut.lut)
+    table = torch.tensor(windows, dtype=torch.int64).view(-1, 3)
+    n_bytes = int((cum[table[:, 2]] - cum[table[:, 1]]).sum())
+    return {"lut_bytes": n_bytes, "lut_bpb": nll_sum / math.log(2.0) / n_bytes if n_bytes else float("nan")}
 
 
 def rank_span(n_items: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -175,6 +192,7 @@ def evaluate_windows(model, val_tokens: torch.Tensor, lut, windows, keep: int, b
     out = acc.result()
     out["seconds"] = time.perf_counter() - t0
     out["compile_s"] = compile_s
+    out.update(lut_bytes_report(tokens, lut, windows, out["nll_sum"]))  # after the clock: a report, not scoring
     if per_token is not None:
         out.update(per_token.as_dict())
     return out

@@ -74,13 +74,14 @@ def eval_load_model(artifact: Path, cfg: RunConfig, device: torch.device):
 
 
 def eval_load_data(cfg: RunConfig, max_tokens: int):
-    """Validation tokens (FILE_AUDIT phase "eval"), the byte LUT, and the data check (the tokenizer against
-    the shards' manifest.json: DataManifestError on a mismatch, a note when there is no manifest)."""
+    """Validation tokens (FILE_AUDIT phase "eval"), their byte source (the val byte sidecar where the data
+    has one, else the byte LUT: pgolf.data.sidecar.load_val_byte_source), and the data check (the tokenizer
+    against the shards' manifest.json: DataManifestError on a mismatch, a note when there is no manifest)."""
     from pgolf.data.build import load_sentencepiece
-    from pgolf.data.bytes import build_byte_luts
     from pgolf.data.loader import load_val_tokens
     from pgolf.data.manifest import check_data_manifest
     from pgolf.data.shards import FILE_AUDIT, list_shards
+    from pgolf.data.sidecar import load_val_byte_source
     from pgolf.data.tokenizer import resolve_tokenizer_path
 
     folder = Path(cfg.data.path)
@@ -89,9 +90,11 @@ def eval_load_data(cfg: RunConfig, max_tokens: int):
     val_files = list_shards(folder, cfg.data.val_pattern)
     tokenizer = resolve_tokenizer_path(cfg.data)
     data_check = check_data_manifest(folder, tokenizer)
+    sp = load_sentencepiece(tokenizer)
     with FILE_AUDIT.phase("eval"):
         tokens = load_val_tokens(val_files, vocab_size=cfg.model.vocab_size, max_tokens=max_tokens)
-    return tokens, build_byte_luts(load_sentencepiece(tokenizer), cfg.model.vocab_size), data_check
+        source = load_val_byte_source(val_files, tokens, sp, cfg.model.vocab_size)
+    return tokens, source, data_check
 
 
 def eval_device(cfg: RunConfig) -> torch.device:

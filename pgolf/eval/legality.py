@@ -1,4 +1,4 @@
-"""The legality harness: four checks any eval method (plain, sliding, TTT) must pass (PG#1017's C1-C4).
+"""The legality harness: the checks any eval method (plain, sliding, TTT) must pass (PG#1017's C1-C4, and the bytes).
 
 - causality (C1): flipping token t changes no score of a target before t (the score of t itself may change:
   its target changed). For score-first TTT this holds too: an update that used t only touches later chunks.
@@ -9,6 +9,9 @@
   probed at the moment it scores.
 - score_before_update (C3, C4): from the TTT event trace, no update uses a token before it was scored; from
   the trace and the per-token counts, every target is scored exactly once.
+- byte_denominator: the result's bytes are those of its byte source (the tokenizer's LUT, or the data's
+  per-token sidecar, pgolf.data.bytes) summed over exactly the targets it scored: a CaseOps run that fell back
+  to the LUT, or a scorer that counts a target twice or not at all, fails here.
 - no_val_in_training: no file matching the validation pattern was opened in the train or calibration phase
   (pgolf.data.shards.FILE_AUDIT; for a finished run, the audit `pgolf train` saved as RUN_DIR/file_audit.json).
 
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from pgolf.data.bytes import byte_lut_of, target_byte_counts
 from pgolf.errors import UserError
 from pgolf.eval.bpb import score_token_nll
 
@@ -153,6 +157,21 @@ def check_score_before_update(base: dict, n_tokens: int) -> CheckResult:
     return CheckResult("score_before_update", True, f"{n_tokens - 1} targets scored exactly once; {what}")
 
 
+def check_byte_denominator(base: dict, tokens: torch.Tensor, lut) -> CheckResult:
+    """base["bytes"] against the byte source's count of every target base scored (per_token_count > 0)."""
+    count = base.get("per_token_count")
+    if count is None:
+        return CheckResult("byte_denominator", False, "the result has no per-token counts")
+    pos = (count[1:] > 0).nonzero().flatten() + 1
+    expected = int(target_byte_counts(tokens[pos - 1], tokens[pos], lut, pos).sum())
+    what = "sidecar" if byte_lut_of(lut) is not lut else "LUT"
+    if int(base["bytes"]) != expected:
+        return CheckResult("byte_denominator", False, f"bpb divides by {int(base['bytes']):,} bytes; the {what} "
+                                                      f"counts {expected:,} over the {pos.numel():,} scored targets")
+    return CheckResult("byte_denominator", True, f"{expected:,} bytes = the {what}'s count over the "
+                                                 f"{pos.numel():,} scored targets")
+
+
 def check_val_not_opened(audit, val_pattern: str, phases=("train", "calibration")) -> CheckResult:
     opened = {ph: audit.opened(ph) for ph in phases}
     total = sum(len(v) for v in opened.values())
@@ -197,7 +216,7 @@ def run_legality_checks(make_model, val_tokens: torch.Tensor, lut, eval_fn, *, a
                         val_pattern: str = "fineweb_val_*.bin", flip_positions=None, atol: float = 1e-5,
                         norm_tol: float = 1e-4, prefix_tol: float | None = None,
                         max_probes: int = 4) -> list[CheckResult]:
-    """Run the four checks of one eval method; make_model() returns a fresh model (same weights each call).
+    """Run the checks of one eval method; make_model() returns a fresh model (same weights each call).
 
     prefix_tol (default 1e-4 on CPU, 3e-2 on CUDA where bf16 kernels differ with the sequence length) bounds
     |score - prefix-only score|; atol bounds the change of earlier scores under a flip (same shapes)."""
@@ -206,7 +225,7 @@ def run_legality_checks(make_model, val_tokens: torch.Tensor, lut, eval_fn, *, a
         audit = FILE_AUDIT
     tokens = val_tokens.cpu().long()
     n = tokens.numel()
-    vocab_size = int(lut.base_bytes.numel())
+    vocab_size = int(byte_lut_of(lut).base_bytes.numel())
     if flip_positions is None:
         flip_positions = sorted({max(2, int(n * 0.37)), max(2, int(n * 0.71))})  # off round chunk edges
     probe = ScoreProbe(vocab_size, max_probes=max_probes)
@@ -219,6 +238,7 @@ def run_legality_checks(make_model, val_tokens: torch.Tensor, lut, eval_fn, *, a
                         prefix_tol),
         check_normalization(probe, norm_tol),
         check_score_before_update(base, n),
+        check_byte_denominator(base, tokens, lut),
         check_val_not_opened(audit, val_pattern),
     ]
 

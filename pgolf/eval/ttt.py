@@ -24,7 +24,14 @@ from torch import nn
 
 from pgolf.dist import all_reduce_max, is_dist_active
 from pgolf.errors import UserError
-from pgolf.eval.bpb import BpbAccumulator, PerTokenScores, check_eval_inputs, rank_span, stream_byte_cumsum
+from pgolf.eval.bpb import (
+    BpbAccumulator,
+    PerTokenScores,
+    check_eval_inputs,
+    lut_bytes_report,
+    rank_span,
+    stream_byte_cumsum,
+)
 from pgolf.eval.scoring import (
     StaticShapeCompile,
     WindowScorer,
@@ -269,6 +276,7 @@ def evaluate_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, rank: 
     out.update({"seconds": time.perf_counter() - t0, "chunks": n_chunks, "updates": updates,
                 "adapted_chunks": adapted, "trace": trace})
     out.update(ttt_time_split(timer, score_forward))
+    out.update(lut_bytes_report(tokens, lut, windows, out["nll_sum"]))
     if per_token is not None:
         out.update(per_token.as_dict())
     return out

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pgolf.config import RunConfig, config_hash, config_to_dict
+from pgolf.data.bytes import ByteSidecar
 from pgolf.data.loader import load_val_tokens
 from pgolf.data.shards import FILE_AUDIT, resolve_shard_files, shard_token_count
 from pgolf.dist import DistEnv, all_gather_text, barrier, print0
@@ -100,21 +101,24 @@ def module_exists(name: str) -> bool:
 
 
 def load_val_data(cfg: RunConfig, val_files, tokenizer_path, cache: dict) -> tuple[torch.Tensor, object]:
-    """Validation tokens (read inside FILE_AUDIT phase "eval") and the byte LUT, loaded once per run.
+    """Validation tokens (read inside FILE_AUDIT phase "eval") and their byte source (the val byte sidecar where
+    the data has one, else the byte LUT: pgolf.data.sidecar.load_val_byte_source), loaded once per run.
 
     This is where eval.val_tokens cuts the stream: every evaluation of the run (pre-quant, round trip,
     sliding, TTT) scores the tokens returned here. cache["split_tokens"] keeps the size of the whole split."""
     if "tokens" not in cache:
         import sentencepiece as spm
 
-        from pgolf.data.bytes import build_byte_luts
+        from pgolf.data.sidecar import load_val_byte_source
 
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
         with FILE_AUDIT.phase("eval"):
             cache["tokens"] = load_val_tokens(val_files, vocab_size=cfg.model.vocab_size,
                                               max_tokens=cfg.eval.val_tokens)
             cache["split_tokens"] = sum(shard_token_count(p) for p in resolve_shard_files(val_files))
-        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-        cache["lut"] = build_byte_luts(sp, cfg.model.vocab_size)
+            # the val byte sidecar where the data has one (CaseOps: required), cut as the tokens; else the LUT
+            cache["lut"] = load_val_byte_source(resolve_shard_files(val_files), cache["tokens"], sp,
+                                                cfg.model.vocab_size)
         n, split = cache["tokens"].numel(), cache["split_tokens"]
         if n < split:
             print0(f"eval: scoring the first {n:,} of {split:,} validation tokens (eval.val_tokens; a subset "
@@ -128,6 +132,21 @@ def fill_eval_scope(record: dict, cache: dict) -> None:
         return
     n, split = int(cache["tokens"].numel()), int(cache["split_tokens"])
     record["eval"] = {"val_tokens": n, "val_split_tokens": split, "val_subset": n < split}
+    if isinstance(cache["lut"], ByteSidecar):  # CaseOps data: both denominators (plain data's record is unchanged)
+        record["eval"].update(val_byte_denominators(cache["tokens"], cache["lut"]))
+
+
+def val_byte_denominators(tokens: torch.Tensor, source) -> dict:
+    """The bytes of the val_tokens - 1 targets every evaluation scores: "bytes_source" (sidecar | lut),
+    "val_bytes" (the denominator of the run's bpb) and, with a sidecar, "val_lut_bytes" (the tokenizer LUT's)."""
+    from pgolf.data.bytes import byte_lut_of
+    from pgolf.eval.bpb import stream_byte_cumsum
+
+    out = {"bytes_source": "sidecar" if isinstance(source, ByteSidecar) else "lut",
+           "val_bytes": int(stream_byte_cumsum(tokens, source)[-1])}
+    if isinstance(source, ByteSidecar):
+        out["val_lut_bytes"] = int(stream_byte_cumsum(tokens, byte_lut_of(source))[-1])
+    return out
 
 
 def eval_seq_len(cfg: RunConfig) -> int:
