@@ -52,8 +52,8 @@ def test_frontier_trains_on_caseops_shards_through_the_cli(tmp_path):
     run = tmp_path / "runs" / "f"
     record = json.loads((run / "record.json").read_text())
     assert record["status"] == "ok" and record["train"]["steps"] == 6
-    losses = [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-              if '"train_loss"' in line]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if r["kind"] == "train"]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert record["eval"]["bytes_source"] == "sidecar"
     for key in ("prequant_bpb", "roundtrip_bpb", "sliding_bpb", "ttt_bpb"):

@@ -348,7 +348,7 @@ def test_residual_dtype_is_validated():
     from pgolf.config import ConfigError, apply_overrides
     from pgolf.recipes import get_recipe
 
-    with pytest.raises(ConfigError, match=r"model.residual_dtype='float16' is not float32\|bfloat16"):
+    with pytest.raises(ConfigError, match=r"model.residual_dtype='float16' is not one of float32\|bfloat16"):
         apply_overrides(get_recipe("tiny"), ["model.residual_dtype=float16"])
 
 

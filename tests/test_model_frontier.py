@@ -352,7 +352,8 @@ def test_a_few_training_steps_with_every_flag_on_lower_the_loss():
 
 def test_config_checks_for_the_frontier_fields():
     for override, message in (
-        (["model.gate_window=0"], "model.gate_window=0 must be in 1..model_dim"),
+        (["model.gate_window=0"], "model.gate_window=0 must be >= 1"),
+        (["model.gate_window=600"], "model.gate_window=600 must be at most model.model_dim"),
         (["model.smear_gate=true", "model.smear_gate_v2=true"], "choose one"),
         (["model.parallel_lanes_from=9"], "parallel_lanes_from=9 must be -1"),
         (["model.parallel_lanes_from=2", "model.parallel_resid_from=2"], "choose one parallel residual"),
