@@ -2,7 +2,6 @@
 gate and two-lane parallel residuals; each flag on and off, BOS masking, causality, keep, training."""
 
 import dataclasses
-import zlib
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from pgolf.model.gpt import GPT, virtual_layer_order
 from pgolf.optim.builder import build_optimizers
 from pgolf.quant.formats import tensor_policy
 from pgolf.recipes import get_recipe, recipe_record, recipe_tiny
+from tests.test_model import perturb
 
 VOCAB = 64
 FLAGS = {
@@ -45,14 +45,6 @@ def frontier_cfg(**changes):
 
 
 @torch.no_grad()
-def perturb(model: GPT, scale: float = 0.05) -> GPT:
-    """Noise seeded by each parameter's name, so zero-initialized gates do something."""
-    for name, p in model.named_parameters():
-        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        p.add_(scale * torch.randn(p.shape, generator=gen))
-    return model
-
-
 def build(cfg, seed=0, recurrence=True):
     torch.manual_seed(seed)
     model = GPT(cfg)
