@@ -35,25 +35,20 @@ def fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
+def write_synced(path: Path, write, mode: str = "wb") -> None:
+    """Call write(f) on a new file at path and fsync it (the temporary half of an atomic write)."""
+    with open(path, mode, encoding=None if "b" in mode else "utf-8") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_write(path, write, mode: str = "wb") -> Path:
     """Call write(f) on a temporary file beside path, fsync it, and rename it onto path.
 
     An OSError on the way becomes OutputError naming path; the temporary file never outlives the call."""
     path = Path(path)
-    tmp = atomic_temp_path(path)
-    try:
-        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write ({os_error_text(e)})") from None
-    finally:
-        with contextlib.suppress(OSError):
-            if tmp.exists():
-                tmp.unlink()
-    fsync_folder(path.parent)
+    replace_together([(path, write)], mode)
     return path
 
 
@@ -65,9 +60,10 @@ def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text), mode="w")
 
 
-def replace_together(files: list[tuple]) -> None:
-    """Write several (path, bytes) files: every temporary file first (fsynced), then the renames, so a
-    failure while writing changes none of them. OutputError naming the path on failure; no temporary left."""
+def replace_together(files: list[tuple], mode: str = "wb") -> None:
+    """Write several files, each (path, bytes) or (path, write(f)): every temporary file first (fsynced),
+    then the renames, so a failure while writing changes none of them. OutputError naming the path on
+    failure; no temporary file is left."""
     done: list[tuple[Path, Path]] = []
     current = None
     try:
@@ -75,10 +71,7 @@ def replace_together(files: list[tuple]) -> None:
             current = Path(path)
             tmp = atomic_temp_path(current)
             done.append((current, tmp))
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            write_synced(tmp, data if callable(data) else (lambda f, d=data: f.write(d)), mode)
         for current, tmp in done:
             os.replace(tmp, current)
     except OSError as e:

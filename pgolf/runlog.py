@@ -39,9 +39,14 @@ def file_sha256(path) -> str:
     return RUNLOG_HASH_CACHE[key]
 
 
+def json_file_text(obj) -> str:
+    """The text of a JSON file pgolf writes (records, configs): indented, non-JSON values as strings."""
+    return json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def write_json_atomic(path, obj) -> None:
     """Write obj as indented JSON to path atomically (pgolf.fileio: OutputError naming path on failure)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path, json_file_text(obj))
 
 
 def read_run_status(run_dir) -> str | None:

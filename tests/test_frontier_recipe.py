@@ -3,6 +3,7 @@ documents, then `pgolf train --recipe frontier` shrunk to a tiny model (every fr
 the sparse attention gate, two-lane residuals, depth recurrence, document masks, MuonEq-R with Polar Express,
 the LR floor, the weight-decay groups), quantized and scored with the byte sidecar."""
 
+import itertools
 import json
 import math
 
@@ -33,7 +34,8 @@ def test_frontier_recipe_carries_the_record_settings():
     assert (m.recur_first, m.recur_last, m.recur_loops, m.recur_start_frac) == (3, 5, 2, 0.35)
     assert m.smear_gate_v2 and m.sparse_attn_gate and m.parallel_lanes_from == 8 and m.skip_gates
     assert not m.smear_gate and m.bigram_buckets == 0 and m.ve_last_n == 0 and t.qat_start_scale == 0
-    assert o.muon_row_normalize and o.muon_polar_express and (o.muon_wd, o.embed_wd, o.scalar_wd) == (0.095, 0.085, 0.02)
+    assert o.muon_row_normalize and o.muon_polar_express
+    assert (o.muon_wd, o.embed_wd, o.scalar_wd) == (0.095, 0.085, 0.02)
     assert (t.warmdown_frac, t.min_lr, t.ema_decay, t.doc_mask) == (0.85, 0.1, 0.9965, True)
     assert (q.matrix_bits, q.embed_bits, q.calib_batches) == (6, 7, 16)
 
@@ -41,7 +43,7 @@ def test_frontier_recipe_carries_the_record_settings():
 @pytest.mark.shared
 @pytest.mark.slow
 def test_frontier_trains_on_caseops_shards_through_the_cli(tmp_path):
-    docs = [d for _, d in zip(range(24), iter_documents([WIKI_DIR / "docs_000.jsonl.xz"]))]
+    docs = list(itertools.islice(iter_documents([WIKI_DIR / "docs_000.jsonl.xz"]), 24))
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     data = tmp_path / "caseops"

@@ -18,10 +18,10 @@ from conftest import TOKENIZER_1024, WIKI_DIR, write_wiki_shards
 from pgolf import fileio
 from pgolf.cli import build_parser, main
 from pgolf.config import apply_overrides, config_to_dict
-from pgolf.data.manifest import DataManifestError, check_data_manifest, tokenizer_sha256
+from pgolf.data.manifest import DataManifestError, check_data_manifest
 from pgolf.errors import UserError
 from pgolf.fileio import OutputError
-from pgolf.runlog import make_run_dir
+from pgolf.runlog import file_sha256, make_run_dir
 from pgolf.tensorfile import read_tensors, write_tensors
 from pgolf.train import loop
 from pgolf.train.commands import build_train_config
@@ -126,7 +126,7 @@ def test_another_tokenizer_of_the_same_vocab_size_is_refused_by_train_eval_and_c
         train_run(cfg, final_eval=False)
     line = str(err.value)
     assert "\n" not in line and str(tok_b) in line and str(data / "manifest.json") in line
-    assert tokenizer_sha256(tok_b) in line and tokenizer_sha256(tok_a) in line
+    assert file_sha256(tok_b) in line and file_sha256(tok_a) in line
     assert not (tmp_path / "wrong").exists()  # refused before a run directory was made
 
     from pgolf.model.gpt import GPT

@@ -7,11 +7,11 @@ manifest (the challenge's downloaded shards) cannot be checked: the result says 
 it once and keep it in their record.
 """
 
-import hashlib
 import json
 from pathlib import Path
 
 from pgolf.errors import UserError
+from pgolf.runlog import file_sha256
 
 DATA_MANIFEST_NAME = "manifest.json"
 
@@ -20,12 +20,18 @@ class DataManifestError(UserError):
     """The shards' manifest disagrees with the tokenizer given, or cannot be read."""
 
 
-def tokenizer_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+def read_data_manifest(folder) -> dict | None:
+    """The manifest.json `pgolf data build` writes in a data folder, or None where there is none."""
+    path = Path(folder) / DATA_MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataManifestError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise DataManifestError(f"{path}: not a JSON object")
+    return manifest
 
 
 def check_data_manifest(data_folder, tokenizer_path) -> dict:
@@ -34,15 +40,16 @@ def check_data_manifest(data_folder, tokenizer_path) -> dict:
     DataManifestError (one line naming both files and both hashes) when the manifest's tokenizer is not
     this tokenizer; "checked" False with a note when the folder has no manifest."""
     manifest = Path(data_folder) / DATA_MANIFEST_NAME
-    actual = tokenizer_sha256(tokenizer_path)
-    if not manifest.is_file():
+    content = read_data_manifest(data_folder)
+    actual = file_sha256(tokenizer_path)  # cached: the run's fingerprint hashes the same file
+    if content is None:
         note = (f"{data_folder} has no {DATA_MANIFEST_NAME}: the tokenizer {tokenizer_path} cannot be checked "
                 f"against the shards (shards built by `pgolf data build` carry one)")
         return {"manifest": None, "tokenizer_sha256": actual, "checked": False, "note": note}
     try:
-        recorded = json.loads(manifest.read_text())["tokenizer"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DataManifestError(f"{manifest}: unreadable, or no tokenizer.sha256 in it") from None
+        recorded = content["tokenizer"]["sha256"]
+    except (KeyError, TypeError):
+        raise DataManifestError(f"{manifest}: no tokenizer.sha256 in it") from None
     if recorded != actual:
         raise DataManifestError(f"tokenizer {tokenizer_path} (sha256 {actual}) is not the one the shards were "
                                 f"built with: {manifest} records sha256 {recorded}")
@@ -51,10 +58,10 @@ def check_data_manifest(data_folder, tokenizer_path) -> dict:
 
 def manifest_shard_hashes(folder) -> dict[str, str]:
     """{shard name: sha256} that folder's manifest.json records ({} without a manifest)."""
-    manifest = Path(folder) / DATA_MANIFEST_NAME
-    if not manifest.is_file():
+    manifest = read_data_manifest(folder)
+    if manifest is None:
         return {}
     try:
-        return {f["name"]: f["sha256"] for f in json.loads(manifest.read_text())["files"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DataManifestError(f"{manifest}: unreadable, or no files list in it") from None
+        return {f["name"]: f["sha256"] for f in manifest["files"]}
+    except (KeyError, TypeError):
+        raise DataManifestError(f"{Path(folder) / DATA_MANIFEST_NAME}: no files list in it") from None

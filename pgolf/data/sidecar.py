@@ -10,7 +10,6 @@ has the CaseOps operator pieces. Such data is scored with its sidecar only: with
 since the tokenizer's byte LUT counts each case operator as 3 bytes (bpb about 0.09 too low).
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 
 from pgolf.data.bytes import ByteSidecar, build_byte_luts
 from pgolf.data.caseops import is_caseops_tokenizer
+from pgolf.data.manifest import read_data_manifest
 from pgolf.data.shards import read_shard, shard_token_count
 from pgolf.errors import UserError
 
@@ -43,18 +43,6 @@ def val_sidecar_files(val_files) -> list[Path] | None:
         missing = paths[present.index(False)]
         raise UserError(f"{missing}: byte sidecar missing (other val shards have theirs)")
     return paths
-
-
-def read_data_manifest(folder) -> dict | None:
-    """The manifest.json `pgolf data build` writes in a data folder, or None where there is none."""
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    return manifest if isinstance(manifest, dict) else None
 
 
 def data_text_transform(folder) -> str:

@@ -8,12 +8,12 @@ import numpy as np
 from pgolf.data.build import shard_file_sha256
 from pgolf.data.corpus import iter_documents
 from pgolf.data.loader import load_val_tokens
+from pgolf.data.manifest import read_data_manifest
 from pgolf.data.shards import list_shards
 from pgolf.data.sidecar import (
     SIDECAR_IDENTITY,
     document_byte_sums,
     load_val_bytes,
-    read_data_manifest,
     val_sidecar_files,
 )
 from pgolf.errors import UserError

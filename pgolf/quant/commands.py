@@ -18,6 +18,7 @@ from pgolf.fileio import atomic_write_bytes, atomic_write_text, replace_together
 from pgolf.quant.artifact import inspect_artifact
 from pgolf.quant.pipeline import encode_state
 from pgolf.quant.size import format_size_report
+from pgolf.runlog import json_file_text
 from pgolf.tensorfile import read_tensors
 
 
@@ -116,8 +117,7 @@ def cmd_quant(args) -> int:
               f"{out}{' and record.json are' if record else ' is'} unchanged")
     elif own and record is not None:
         new_record = requantized_record(record, report, cfg)
-        replace_together([(out, blob), (run_dir / "record.json",
-                                        (json.dumps(new_record, indent=2, default=str) + "\n").encode())])
+        replace_together([(out, blob), (run_dir / "record.json", json_file_text(new_record).encode())])
     else:
         atomic_write_bytes(out, blob)
     if fits or not own:
