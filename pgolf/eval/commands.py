@@ -201,7 +201,6 @@ def check_audit_for(target: Path):
 
 
 def cmd_check(args) -> int:
-    from pgolf.data.shards import FileAudit
     from pgolf.eval.bpb import evaluate_plain
     from pgolf.eval.legality import check_run_audit, format_check_table, run_legality_checks
     from pgolf.eval.scoring import scorer_for
@@ -244,8 +243,7 @@ def cmd_check(args) -> int:
     audit_row = check_run_audit(audit, cfg.data.val_pattern, run_dir)  # the training's reads, not this process's
     failed = 0
     for name, fn in methods.items():
-        results = run_legality_checks(make_model, tokens, lut, fn, audit=FileAudit(), val_pattern=cfg.data.val_pattern)
-        results = [audit_row if r.name == audit_row.name else r for r in results]
+        results = run_legality_checks(make_model, tokens, lut, fn, audit_row=audit_row)
         print(f"== {name} ({tokens.numel()} val tokens, seq_len {seq_len})")
         print(format_check_table(results))
         failed += sum(not r.passed for r in results)

@@ -215,12 +215,15 @@ def check_run_audit(audit: RecordedAudit | None, val_pattern: str, run_dir) -> C
 def run_legality_checks(make_model, val_tokens: torch.Tensor, lut, eval_fn, *, audit=None,
                         val_pattern: str = "fineweb_val_*.bin", flip_positions=None, atol: float = 1e-5,
                         norm_tol: float = 1e-4, prefix_tol: float | None = None,
-                        max_probes: int = 4) -> list[CheckResult]:
+                        max_probes: int = 4, audit_row: CheckResult | None = None) -> list[CheckResult]:
     """Run the checks of one eval method; make_model() returns a fresh model (same weights each call).
+
+    The no_val_in_training row checks `audit` (this process's FILE_AUDIT by default), or is `audit_row` when
+    the caller decided it already (pgolf check: check_run_audit on the run's saved file_audit.json).
 
     prefix_tol (default 1e-4 on CPU, 3e-2 on CUDA where bf16 kernels differ with the sequence length) bounds
     |score - prefix-only score|; atol bounds the change of earlier scores under a flip (same shapes)."""
-    if audit is None:
+    if audit is None and audit_row is None:
         from pgolf.data.shards import FILE_AUDIT
         audit = FILE_AUDIT
     tokens = val_tokens.cpu().long()
@@ -239,7 +242,7 @@ def run_legality_checks(make_model, val_tokens: torch.Tensor, lut, eval_fn, *, a
         check_normalization(probe, norm_tol),
         check_score_before_update(base, n),
         check_byte_denominator(base, tokens, lut),
-        check_val_not_opened(audit, val_pattern),
+        audit_row if audit_row is not None else check_val_not_opened(audit, val_pattern),
     ]
 
 
