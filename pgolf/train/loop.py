@@ -38,6 +38,7 @@ from pgolf.model.gpt import GPT
 from pgolf.optim.builder import broadcast_parameters, build_optimizers
 from pgolf.optim.schedules import lr_scale, muon_momentum_at
 from pgolf.runlog import MetricsWriter, env_fingerprint, write_record, write_run_header
+from pgolf.runrecord import RunRecord, TrainRecord
 from pgolf.tensorfile import write_tensors
 from pgolf.train.averaging import build_averagers, swap_in_averaged
 from pgolf.train.clock import PhaseTimer
@@ -185,7 +186,7 @@ class RunSetup:
     env: dict
     writer: MetricsWriter
     progress: ProgressLine
-    record: dict
+    record: RunRecord
     train_files: list
     val_files: list
     tokenizer_path: Path
@@ -194,7 +195,7 @@ class RunSetup:
 
 
 def train_run(cfg: RunConfig, resume: str | None = None, clock=None, sinks=(), final_eval: bool = True,
-              code_bytes: int | None = None, overwrite: bool = False) -> dict:
+              code_bytes: int | None = None, overwrite: bool = False) -> RunRecord:
     """Train one run and write its run directory; returns the run record (status "ok" or "nan").
 
     `clock` replaces time.perf_counter (tests); `sinks` get every metrics line; final_eval=False skips the
@@ -219,7 +220,7 @@ def train_run(cfg: RunConfig, resume: str | None = None, clock=None, sinks=(), f
 
 
 def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, final_eval: bool,
-               code_bytes: int | None, overwrite: bool, run: dict) -> dict:
+               code_bytes: int | None, overwrite: bool, run: dict) -> RunRecord:
     """The phases of train_run in order; `run` gets the run directory, record and audit once they exist."""
     setup = open_run(cfg, resume, denv, PhaseTimer(clock=clock), sinks, overwrite)
     run.update(run_dir=setup.run_dir, record=setup.record, audit=setup.audit)
@@ -420,21 +421,19 @@ class TimedLoop:
 
 def record_training(setup: RunSetup, parts: Trainer, state: TrainState) -> None:
     """The timed loop's figures into the run record (and the metrics file's error, if it had one)."""
-    setup.record["train"] = {
-        "steps": state.step, "ms_per_step": 1000.0 * state.elapsed_s / max(state.step, 1),
-        "tokens_per_s": state.train_tokens / max(state.elapsed_s, 1e-9), "train_tokens": state.train_tokens,
-        "stop_reason": state.stop_reason, "params": parts.n_params,
-        "qat_clip_k": state.qat_clip_k if state.qat_on else None,
-    }
+    setup.record.train = TrainRecord(
+        steps=state.step, ms_per_step=1000.0 * state.elapsed_s / max(state.step, 1),
+        tokens_per_s=state.train_tokens / max(state.elapsed_s, 1e-9), train_tokens=state.train_tokens,
+        stop_reason=state.stop_reason, params=parts.n_params, qat_clip_k=state.qat_clip_k if state.qat_on else None)
     if setup.writer.error:
-        setup.record["metrics_error"] = setup.writer.error
+        setup.record.metrics_error = setup.writer.error
 
 
-def end_nan_run(setup: RunSetup) -> dict:
+def end_nan_run(setup: RunSetup) -> RunRecord:
     """A run stopped by a non-finite loss: its record (status "nan") and file audit written, nothing after."""
     record = setup.record
-    record["status"] = "nan"
-    record["timings"].update(timer_timings(setup.timer))
+    record.status = "nan"
+    record.timings.update(timer_timings(setup.timer))
     setup.audit.save(setup.denv.is_main)
     if setup.denv.is_main:
         write_record(setup.run_dir, record)
@@ -442,17 +441,17 @@ def end_nan_run(setup: RunSetup) -> dict:
     return record
 
 
-def finish_trained_run(setup: RunSetup, parts: Trainer, state: TrainState, final_eval: bool) -> dict:
+def finish_trained_run(setup: RunSetup, parts: Trainer, state: TrainState, final_eval: bool) -> RunRecord:
     """Averaged weights in, calibration (timed: it counts against the wallclock budget), pre-quant validation
     of the float model, float weights saved, then finish_run (quantize, evaluate, record.json)."""
     cfg, model, record, denv = setup.cfg, parts.model, setup.record, setup.denv
-    record["train"]["averaged"] = swap_in_averaged(model, parts.ema, parts.swa)
+    record.train.averaged = swap_in_averaged(model, parts.ema, parts.swa)
     set_qat_from_config(model, False, cfg.quant)
     set_training_kernels(model, cfg, False)  # the evaluated and exported model (and its copies) runs plain
     hessians = collect_calibration(model, parts.loader, cfg, denv.device, setup.timer, denv)
     with setup.timer.phase("eval_plain"):  # eager: compiling a second (inference) graph costs more than it saves
         res = evaluate_prequant(model, cfg, setup.val_files, setup.tokenizer_path, denv, setup.val_cache)
-    record["metrics"]["prequant_loss"], record["metrics"]["prequant_bpb"] = res["val_loss"], res["val_bpb"]
+    record.metrics.prequant_loss, record.metrics.prequant_bpb = res["val_loss"], res["val_bpb"]
     setup.writer.write("val", step=state.step, time_s=state.elapsed_s, val_loss=res["val_loss"],
                        val_bpb=res["val_bpb"])
     setup.progress.message(f"pre-quant  val_loss {res['val_loss']:.4f}  val_bpb {res['val_bpb']:.4f}")
@@ -467,7 +466,7 @@ def finish_trained_run(setup: RunSetup, parts: Trainer, state: TrainState, final
 
 def save_float_weights(setup: RunSetup, model, state: TrainState, hessians: dict) -> None:
     """model.pgw (the float weights, fp32 on the CPU) and, with GPTQ, hessians.pgw in the run directory."""
-    meta = {"config_hash": config_hash(setup.cfg), "step": state.step, "averaged": setup.record["train"]["averaged"]}
+    meta = {"config_hash": config_hash(setup.cfg), "step": state.step, "averaged": setup.record.train.averaged}
     write_tensors(setup.run_dir / "model.pgw", {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
                                                 for k, v in model.state_dict().items()}, meta)
     if hessians:
