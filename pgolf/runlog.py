@@ -20,6 +20,7 @@ import torch
 from pgolf.config import RunConfig, config_to_dict
 from pgolf.errors import UserError
 from pgolf.fileio import OutputError, atomic_write_text, os_error_text
+from pgolf.runrecord import RECORD_FILE_NAME, read_run_record, record_file_text
 
 # sha256 of files already hashed in this process, keyed by (resolved path, size, mtime_ns).
 RUNLOG_HASH_CACHE: dict[tuple[str, int, int], str] = {}
@@ -51,14 +52,13 @@ def write_json_atomic(path, obj) -> None:
 
 def read_run_status(run_dir) -> str | None:
     """The status in run_dir/record.json ("ok", "nan", "failed"), "unreadable", or None without a record."""
-    path = Path(run_dir) / "record.json"
+    path = Path(run_dir) / RECORD_FILE_NAME
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_run_record(path).status
+    except UserError:
         return "unreadable"
-    return str(record.get("status")) if isinstance(record, dict) else "unreadable"
 
 
 def refuse_or_clear_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -157,10 +157,11 @@ def write_run_header(run_dir, cfg: RunConfig, env: dict) -> None:
     write_json_atomic(Path(run_dir) / "env.json", env)
 
 
-def write_record(run_dir, record: dict) -> Path:
-    """Write record.json atomically; returns its path."""
-    path = Path(run_dir) / "record.json"
-    write_json_atomic(path, record)
+def write_record(run_dir, record) -> Path:
+    """Write RUN_DIR/record.json atomically (pgolf.runrecord.record_file_text: a dict is checked against the
+    schema first); returns its path. The one writer of run records."""
+    path = Path(run_dir) / RECORD_FILE_NAME
+    atomic_write_text(path, record_file_text(record))
     return path
 
 

@@ -11,6 +11,7 @@ from pgolf.errors import UserError
 from pgolf.model.layers import CastedLinear
 from pgolf.quant.formats import dequantize_rows, quantize_rows, row_clip_sdclip, row_scales
 from pgolf.runlog import RUNLOG_HASH_CACHE, MetricsWriter, file_sha256, read_metrics, write_record
+from pgolf.runrecord import RECORD_SCHEMA, RunRecord
 from pgolf.tensorfile import read_tensors, write_tensors
 from pgolf.train.averaging import EMAWeights, SWAWeights, swap_in_averaged
 from pgolf.train.checkpoint import (
@@ -165,8 +166,9 @@ def test_metrics_writer_record_and_hash_cache(tmp_path):
     off = MetricsWriter(tmp_path / "other.jsonl", enabled=False)
     off.write("train", step=1)
     assert not (tmp_path / "other.jsonl").exists()
-    write_record(tmp_path, {"status": "ok"})
-    assert json.loads((tmp_path / "record.json").read_text()) == {"status": "ok"}
+    write_record(tmp_path, {"status": "ok"})  # a dict goes through the schema: every field, in order
+    written = json.loads((tmp_path / "record.json").read_text())
+    assert written["status"] == "ok" and written["schema"] == RECORD_SCHEMA and list(written) == RunRecord().keys()
     f = tmp_path / "blob.bin"
     f.write_bytes(b"abc")
     h = file_sha256(f)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from pgolf.errors import UserError
+from pgolf.runrecord import RunRecord, read_run_record
 
 # (column, SQL type, path into record.json); a path of None is filled by ingest_record itself.
 RESULT_COLUMNS = [
@@ -89,20 +90,6 @@ def _connect(db) -> tuple[sqlite3.Connection, bool]:
     return open_results_db(db), True
 
 
-def read_run_record(record_path) -> dict:
-    """Load record.json; a missing or unreadable file raises UserError naming it."""
-    record_path = Path(record_path)
-    try:
-        record = json.loads(record_path.read_text())
-    except FileNotFoundError as e:
-        raise UserError(f"{record_path}: no run record here") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{record_path}: not a valid JSON run record ({e})") from e
-    if not isinstance(record, dict) or "status" not in record:
-        raise UserError(f"{record_path}: run record has no 'status' field")
-    return record
-
-
 def _dig(record: dict, path: tuple):
     value = record
     for key in path:
@@ -112,9 +99,9 @@ def _dig(record: dict, path: tuple):
     return value
 
 
-def record_to_row(record: dict, run_dir: Path, sweep=None, overrides=None) -> dict:
+def record_to_row(record: RunRecord, run_dir: Path, sweep=None, overrides=None) -> dict:
     """Flatten a run record into one database row (a dict keyed by column name)."""
-    row = {}
+    record, row = record.to_dict(), {}
     for name, _, path in RESULT_COLUMNS:
         if path is None:
             continue

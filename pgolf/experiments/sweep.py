@@ -40,6 +40,7 @@ from pgolf.config import apply_overrides
 from pgolf.errors import UserError
 from pgolf.experiments.results import ingest_record, open_results_db
 from pgolf.recipes import apply_proxy, get_recipe
+from pgolf.runlog import read_run_status
 
 SWEEP_SPEC_KEYS = {"name", "recipe", "proxy_seconds", "out", "db", "seeds", "command", "set", "grid", "runs"}
 
@@ -186,12 +187,8 @@ def train_command(run: RunSpec, out_dir: Path, base: list[str] | None = None) ->
 
 
 def run_is_finished(run_dir: Path) -> bool:
-    """True when run_dir/record.json exists, parses and says status "ok"."""
-    try:
-        record = json.loads((run_dir / "record.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("status") == "ok"
+    """True when run_dir/record.json exists, reads as a run record and says status "ok"."""
+    return read_run_status(run_dir) == "ok"
 
 
 def _move_aside(run_dir: Path, out: Path) -> None:

@@ -18,7 +18,7 @@ from pgolf.fileio import atomic_write_bytes, atomic_write_text, replace_together
 from pgolf.quant.artifact import inspect_artifact
 from pgolf.quant.pipeline import encode_state
 from pgolf.quant.size import format_size_report
-from pgolf.runlog import json_file_text
+from pgolf.runrecord import QuantRecord, RunRecord, read_run_record, record_file_text
 from pgolf.tensorfile import read_tensors
 
 
@@ -37,35 +37,27 @@ def run_quant_config(run_dir: Path, overrides: list[str]) -> QuantConfig:
     return apply_overrides(cfg, overrides).quant
 
 
-def quant_read_run_record(run_dir: Path) -> dict | None:
+def quant_read_run_record(run_dir: Path) -> RunRecord | None:
+    """RUN_DIR/record.json (pgolf.runrecord.read_run_record), or None when the run has none."""
     path = run_dir / "record.json"
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"{path}: not valid JSON") from None
-    return record if isinstance(record, dict) else None
+    return read_run_record(path) if path.exists() else None
 
 
-def requantized_record(record: dict, report: dict, cfg: QuantConfig) -> dict:
+def requantized_record(record: RunRecord, report: dict, cfg: QuantConfig) -> RunRecord:
     """The run record describing the new model.pgq: its bytes, timings and quant settings; the metrics of
     the old artifact (round trip, sliding, TTT) become null (`pgolf eval RUN_DIR` scores the new one)."""
-    record = json.loads(json.dumps(record))
+    record = RunRecord.from_json_dict(json.loads(record_file_text(record)), "run record")  # a copy
     b = report["bytes"]
-    record.setdefault("bytes", {}).update(code=b["code"], artifact=b["artifact"], total=b["total"], cap=b["cap"])
-    record.setdefault("compliance", {})["bytes_total"] = b["total"]
-    record.setdefault("timings", {}).update(quantize_s=report["timings"]["quantize_s"],
-                                            serialize_s=report["timings"]["serialize_s"])
-    metrics = record.setdefault("metrics", {})
+    record.bytes.update(code=b["code"], artifact=b["artifact"], total=b["total"], cap=b["cap"])
+    record.compliance.bytes_total = b["total"]
+    record.timings.update(quantize_s=report["timings"]["quantize_s"], serialize_s=report["timings"]["serialize_s"])
     for key in ("roundtrip_loss", "roundtrip_bpb", "sliding_loss", "sliding_bpb", "ttt_loss", "ttt_bpb",
                 "quant_delta"):
-        metrics[key] = None
-    record["quant"] = {"warnings": report["warnings"], "fit": report["fit"], "fit_k": report["fit_k"],
-                       "matrix_k": report["matrix_k"], "fit_k_s": report["timings"].get("fit_k_s"),
-                       "sections": report["sections"], "requantized": config_to_dict(cfg)}
-    if isinstance(record.get("config"), dict):
-        record["config"]["quant"] = config_to_dict(cfg)
+        record.metrics[key] = None
+    record.quant = QuantRecord(warnings=report["warnings"], fit=report["fit"], fit_k=report["fit_k"],
+                               matrix_k=report["matrix_k"], fit_k_s=report["timings"].get("fit_k_s"),
+                               sections=report["sections"], requantized=config_to_dict(cfg))
+    record.config["quant"] = config_to_dict(cfg)
     return record
 
 
@@ -105,7 +97,7 @@ def cmd_quant(args) -> int:
     record = quant_read_run_record(run_dir)
     code_bytes = args.code_bytes
     if code_bytes is None:
-        code_bytes = ((record or {}).get("bytes") or {}).get("code") or 0
+        code_bytes = (record.bytes.code if record is not None else None) or 0
     run_artifact = run_dir / "model.pgq"
     out = Path(args.out) if args.out else run_artifact
     own = out.resolve() == run_artifact.resolve()
@@ -117,7 +109,7 @@ def cmd_quant(args) -> int:
               f"{out}{' and record.json are' if record else ' is'} unchanged")
     elif own and record is not None:
         new_record = requantized_record(record, report, cfg)
-        replace_together([(out, blob), (run_dir / "record.json", json_file_text(new_record).encode())])
+        replace_together([(out, blob), (run_dir / "record.json", record_file_text(new_record).encode())])
     else:
         atomic_write_bytes(out, blob)
     if fits or not own:

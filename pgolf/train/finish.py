@@ -23,30 +23,19 @@ from pgolf.eval.receipts import compliance_summary, format_compliance_table, for
 from pgolf.eval.scoring import scorer_for
 from pgolf.fileio import OutputError
 from pgolf.runlog import write_json_atomic, write_record
+from pgolf.runrecord import BytesRecord, RunRecord
 from pgolf.train.clock import PhaseTimer
 
-RECORD_METRIC_KEYS = ("prequant_loss", "prequant_bpb", "roundtrip_loss", "roundtrip_bpb", "sliding_loss",
-                      "sliding_bpb", "ttt_loss", "ttt_bpb", "quant_delta")
-RECORD_TIMING_KEYS = ("compile_warmup_s", "compile_warmup_eval_s", "train_loop_s", "calibration_s", "quantize_s",
-                      "serialize_s", "eval_plain_s", "eval_sliding_s", "eval_ttt_s")
 # The PhaseTimer phases a run records as timings["<phase>_s"] (quantize_s and serialize_s come from the export).
 TIMER_PHASES = ("compile_warmup", "compile_warmup_eval", "train_loop", "calibration", "eval_plain", "eval_sliding",
                 "eval_ttt", "eval_roundtrip")
 
 
-def new_record(cfg: RunConfig, env: dict, run_dir) -> dict:
-    """A run record with every field of docs/architecture.md present (null until computed)."""
-    return {
-        "run_id": Path(run_dir).name, "recipe": cfg.recipe, "config": config_to_dict(cfg),
-        "config_hash": config_hash(cfg), "seed": cfg.train.seed, "status": "failed", "env": env,
-        "train": {"steps": None, "ms_per_step": None, "tokens_per_s": None, "train_tokens": None,
-                  "stop_reason": None, "params": None},
-        "metrics": {k: None for k in RECORD_METRIC_KEYS},
-        "bytes": {"code": None, "artifact": None, "total": None, "cap": cfg.quant.size_cap},
-        "timings": {k: None for k in RECORD_TIMING_KEYS},
-        "eval": {"val_tokens": None, "val_split_tokens": None, "val_subset": None},
-        "compliance": {"train_plus_calibration_s": None, "eval_s": None, "bytes_total": None, "legality": {}},
-    }
+def new_record(cfg: RunConfig, env: dict, run_dir) -> RunRecord:
+    """The run record of a run starting now (pgolf.runrecord: every field present, null until computed)."""
+    return RunRecord(run_id=Path(run_dir).name, recipe=cfg.recipe, config=config_to_dict(cfg),
+                     config_hash=config_hash(cfg), seed=cfg.train.seed, status="failed", env=env,
+                     bytes=BytesRecord(cap=cfg.quant.size_cap))
 
 
 class RunFileAudit:
@@ -76,11 +65,11 @@ class RunFileAudit:
             write_json_atomic(self.path, [list(r) for r in records])
 
 
-def save_failed_run(run_dir, record: dict, audit: RunFileAudit | None, error: BaseException) -> None:
+def save_failed_run(run_dir, record: RunRecord, audit: RunFileAudit | None, error: BaseException) -> None:
     """After an exception in a run: record.json with status "failed" and the error, and the file audit (this
     rank's), written where possible; what cannot be written goes to stderr, so no computed number is lost."""
-    record["status"] = "failed"
-    record["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    record.status = "failed"
+    record.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     try:
         if audit is not None:
             audit.save(True, gather=False)
@@ -89,8 +78,9 @@ def save_failed_run(run_dir, record: dict, audit: RunFileAudit | None, error: Ba
               file=sys.stderr)
     except OutputError as e:
         print(f"pgolf: {e}; the run record follows:", file=sys.stderr)
-        print(json.dumps({k: record.get(k) for k in ("run_id", "status", "error", "train", "metrics", "bytes",
-                                                     "timings")}, default=str), file=sys.stderr)
+        kept = record.to_dict()
+        print(json.dumps({k: kept[k] for k in ("run_id", "status", "error", "train", "metrics", "bytes", "timings")},
+                         default=str), file=sys.stderr)
 
 
 def module_exists(name: str) -> bool:

@@ -13,7 +13,7 @@ one step ahead (pgolf.train.pipeline): those numbers are the last finished step'
 import contextlib
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,6 @@ from pgolf.dist import (
     DistEnv,
     all_reduce_max_many,
     all_reduce_mean,
-    barrier,
     destroy_distributed,
     init_distributed,
     is_dist_active,
@@ -39,16 +38,9 @@ from pgolf.model.gpt import GPT
 from pgolf.optim.builder import broadcast_parameters, build_optimizers
 from pgolf.optim.schedules import lr_scale, muon_momentum_at
 from pgolf.runlog import MetricsWriter, env_fingerprint, write_record, write_run_header
+from pgolf.runrecord import RunRecord, TrainRecord
 from pgolf.tensorfile import write_tensors
 from pgolf.train.averaging import build_averagers, swap_in_averaged
-from pgolf.train.checkpoint import (
-    find_latest_checkpoint,
-    load_checkpoint,
-    mark_checkpoint_complete,
-    model_tensors,
-    restore_rng_state,
-    save_checkpoint,
-)
 from pgolf.train.clock import PhaseTimer
 from pgolf.train.finish import (
     RunFileAudit,
@@ -63,21 +55,7 @@ from pgolf.train.pipeline import IssuedStep, LossReadback
 from pgolf.train.progress import ProgressLine
 from pgolf.train.qat import qat_clip_k, qat_due, set_qat_from_config
 from pgolf.train.rundir import open_run_dir
-
-
-@dataclass
-class TrainState:
-    """What moves during the timed loop (and is saved in checkpoints)."""
-    step: int = 0
-    train_tokens: int = 0
-    elapsed_s: float = 0.0  # timed training seconds, all-reduced MAX over ranks
-    last_checkpoint_s: float = 0.0
-    recurrence_on: bool = False
-    qat_on: bool = False
-    qat_clip_k: float = 0.0  # the SDClip k QAT trains against (set when it switches on)
-    stop_reason: str = ""
-    last_loss: float = float("nan")
-    step_s_avg: float = 0.0  # running mean of the step time: the loop stops before a step would overrun
+from pgolf.train.state import Trainer, TrainState, checkpoint_now, restore_checkpoint, uses_recurrence
 
 
 def seed_everything(seed: int) -> None:
@@ -128,10 +106,6 @@ def autocast_context(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def uses_recurrence(cfg: RunConfig) -> bool:
-    return cfg.model.recur_loops > 0
 
 
 def train_budget_s(cfg: RunConfig) -> float:
@@ -187,47 +161,6 @@ def compile_warmup(step_model, model, opt, loader, cfg: RunConfig, device: torch
         train_step(step_model, opt, loader, cfg, device)
 
 
-def checkpoint_now(run_dir, state: TrainState, model, opt, loader, ema, swa, denv: DistEnv) -> None:
-    averagers = {}
-    if ema is not None:
-        averagers.update(ema.state_tensors())
-    if swa is not None:
-        averagers.update(swa.state_tensors())
-    scalars = {"step": state.step, "train_tokens": state.train_tokens, "elapsed_s": state.elapsed_s,
-               "recurrence_on": state.recurrence_on, "qat_on": state.qat_on, "qat_clip_k": state.qat_clip_k}
-    folder = save_checkpoint(run_dir, state.step, denv.rank, model, opt.state_dict(), loader.state_dict(),
-                             averagers, scalars)
-    barrier()
-    if denv.is_main:
-        mark_checkpoint_complete(folder, denv.world_size)
-    barrier()
-
-
-def restore_checkpoint(run_dir, state: TrainState, model, opt, loader, ema, swa, cfg: RunConfig,
-                       denv: DistEnv) -> Path:
-    folder = find_latest_checkpoint(run_dir)
-    if folder is None:
-        raise UserError(f"--resume {run_dir}: no complete checkpoint in {Path(run_dir) / 'checkpoint'}")
-    tensors, meta = load_checkpoint(folder, denv.rank, denv.world_size)
-    model.load_state_dict(model_tensors(tensors), strict=False)
-    opt.load_state_dict(meta["optimizer"])
-    loader.load_state_dict(meta["loader"])
-    if ema is not None:
-        ema.load_state_tensors(tensors)
-    if swa is not None:
-        swa.load_state_tensors(tensors)
-    s = meta["scalars"]
-    state.step, state.train_tokens = int(s["step"]), int(s["train_tokens"])
-    state.elapsed_s = state.last_checkpoint_s = float(s["elapsed_s"])
-    state.recurrence_on, state.qat_on = bool(s["recurrence_on"]), bool(s["qat_on"])
-    state.qat_clip_k = float(s.get("qat_clip_k", 0.0))
-    if uses_recurrence(cfg):
-        model.set_recurrence(state.recurrence_on)
-    set_qat_from_config(model, state.qat_on, cfg.quant, state.qat_clip_k or None)
-    restore_rng_state(meta["rng"])
-    return folder
-
-
 def precompile_evaluation(model, cfg: RunConfig, final_eval: bool, denv: DistEnv, timer: PhaseTimer) -> dict:
     """The evaluation's graphs compiled now (pgolf.eval.warmup), timed as phase "compile_warmup_eval": the
     plain pass's always, the sliding and TTT passes' when the run ends with them (final_eval)."""
@@ -241,8 +174,28 @@ def precompile_evaluation(model, cfg: RunConfig, final_eval: bool, denv: DistEnv
         set_training_kernels(model, cfg, True)
 
 
+@dataclass
+class RunSetup:
+    """What every phase of a run reads once its directory exists: the config and the ranks, the phase timer,
+    the run directory with its writers and record, the data files, the script's bytes, the cached val data."""
+    cfg: RunConfig
+    denv: DistEnv
+    timer: PhaseTimer
+    run_dir: Path
+    audit: RunFileAudit
+    env: dict
+    writer: MetricsWriter
+    progress: ProgressLine
+    record: RunRecord
+    train_files: list
+    val_files: list
+    tokenizer_path: Path
+    code_bytes: int | None = None
+    val_cache: dict = field(default_factory=dict)
+
+
 def train_run(cfg: RunConfig, resume: str | None = None, clock=None, sinks=(), final_eval: bool = True,
-              code_bytes: int | None = None, overwrite: bool = False) -> dict:
+              code_bytes: int | None = None, overwrite: bool = False) -> RunRecord:
     """Train one run and write its run directory; returns the run record (status "ok" or "nan").
 
     `clock` replaces time.perf_counter (tests); `sinks` get every metrics line; final_eval=False skips the
@@ -267,185 +220,257 @@ def train_run(cfg: RunConfig, resume: str | None = None, clock=None, sinks=(), f
 
 
 def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, final_eval: bool,
-               code_bytes: int | None, overwrite: bool, run: dict) -> dict:
-    t, device, main = cfg.train, denv.device, denv.is_main
-    timer = PhaseTimer(clock=clock)
-    seqs_per_micro = micro_batch_seqs(cfg, denv.world_size)
+               code_bytes: int | None, overwrite: bool, run: dict) -> RunRecord:
+    """The phases of train_run in order; `run` gets the run directory, record and audit once they exist."""
+    setup = open_run(cfg, resume, denv, PhaseTimer(clock=clock), sinks, overwrite)
+    run.update(run_dir=setup.run_dir, record=setup.record, audit=setup.audit)
+    setup.code_bytes = code_bytes
+    if cfg.quant.enabled:  # the script's bytes are part of the budget the quantizer fills
+        setup.code_bytes = run_code_bytes(cfg, setup.run_dir, code_bytes, denv.is_main)
+    parts = build_trainer(setup)
+    if cfg.eval.precompile:  # untimed too, and before any token is read: random tokens, copies of the model
+        warm = precompile_evaluation(parts.model, cfg, final_eval, denv, setup.timer)
+        setup.progress.message(f"eval graphs compiled in {warm['seconds']:.1f} s (untimed warm-up): scoring "
+                               f"{warm['scoring']}, TTT step {warm['ttt_step']}")
+    parts.ema, parts.swa = build_averagers(parts.model, cfg.train)
+    state = TrainState()
+    if resume:
+        resume_run(setup, parts, state)
+    TimedLoop(setup, parts, state).run()
+    record_training(setup, parts, state)
+    if state.stop_reason == "nan":
+        return end_nan_run(setup)
+    return finish_trained_run(setup, parts, state, final_eval)
 
-    # --- run directory, fingerprint (hashing happens here, outside every timed phase)
+
+def open_run(cfg: RunConfig, resume: str | None, denv: DistEnv, timer: PhaseTimer, sinks,
+             overwrite: bool) -> RunSetup:
+    """The run directory, its fingerprint (hashing happens here, outside every timed phase), the metrics
+    writer, the progress line and a new run record."""
+    micro_batch_seqs(cfg, denv.world_size)  # a batch that does not split is refused before anything is written
     train_files, val_files, tokenizer_path = resolve_data_files(cfg)
     data_check = check_data_manifest(cfg.data.path, tokenizer_path)  # refuses shards of another tokenizer
     run_dir = open_run_dir(cfg, resume, denv, overwrite)
     audit = RunFileAudit(run_dir, bool(resume))
-    env = env_fingerprint(train_files, val_files, tokenizer_path) if main else {}
+    env = env_fingerprint(train_files, val_files, tokenizer_path) if denv.is_main else {}
     env["data_manifest"] = data_check
-    if main and not resume:
+    if denv.is_main and not resume:
         write_run_header(run_dir, cfg, env)
     if data_check["note"]:
         print0(f"warning: {data_check['note']}")
-    writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=main)
+    writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=denv.is_main)
     writer.sinks.extend(sinks)
-    progress = ProgressLine(enabled=main, every=t.log_every)
-    record = new_record(cfg, env, run_dir)
-    run.update(run_dir=run_dir, record=record, audit=audit)
-    if cfg.quant.enabled:  # the script's bytes are part of the budget the quantizer fills
-        code_bytes = run_code_bytes(cfg, run_dir, code_bytes, main)
+    progress = ProgressLine(enabled=denv.is_main, every=cfg.train.log_every)
+    return RunSetup(cfg, denv, timer, run_dir, audit, env, writer, progress, new_record(cfg, env, run_dir),
+                    train_files, val_files, tokenizer_path)
 
-    # --- model, optimizer, data
+
+def train_stream(setup: RunSetup) -> TrainTokenStream:
+    return TrainTokenStream(setup.train_files, setup.denv.rank, setup.denv.world_size,
+                            vocab_size=setup.cfg.model.vocab_size)
+
+
+def build_trainer(setup: RunSetup) -> Trainer:
+    """Model, optimizers and data, seeded. The compile warm-up (untimed) runs here, and then all three are
+    reset to where they started: it must not leak into the run."""
+    cfg, denv, t = setup.cfg, setup.denv, setup.cfg.train
     seed_everything(t.seed)
-    model = build_model(cfg, device)
+    model = build_model(cfg, denv.device)
     broadcast_parameters(model)
     initial_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     step_model = compile_for_training(model, cfg)
     opt = build_optimizers(model, cfg.optim, denv.rank, denv.world_size)
-    loader = TrainTokenStream(train_files, denv.rank, denv.world_size, vocab_size=cfg.model.vocab_size)
-    n_params = sum(p.numel() for p in model.parameters())
-    progress.message(f"run {run_dir}  params {n_params:,}  world {denv.world_size}  device {device}  "
-                     f"{seqs_per_micro} seqs x {t.seq_len} per micro-step, grad_accum {t.grad_accum}")
-
-    # --- compile warm-up (untimed), then a full reset: it must not leak into the run
+    parts = Trainer(model, step_model, opt, train_stream(setup), sum(p.numel() for p in model.parameters()))
+    setup.progress.message(f"run {setup.run_dir}  params {parts.n_params:,}  world {denv.world_size}  device "
+                           f"{denv.device}  {micro_batch_seqs(cfg, denv.world_size)} seqs x {t.seq_len} per "
+                           f"micro-step, grad_accum {t.grad_accum}")
     if t.compile_warmup_steps > 0:
-        with timer.phase("compile_warmup"):
-            compile_warmup(step_model, model, opt, loader, cfg, device)
+        with setup.timer.phase("compile_warmup"):
+            compile_warmup(step_model, model, opt, parts.loader, cfg, denv.device)
         model.load_state_dict(initial_weights)
         if uses_recurrence(cfg):
             model.set_recurrence(False)
         set_qat_from_config(model, False, cfg.quant)
-        opt = build_optimizers(model, cfg.optim, denv.rank, denv.world_size)
-        loader = TrainTokenStream(train_files, denv.rank, denv.world_size, vocab_size=cfg.model.vocab_size)
+        parts.opt = build_optimizers(model, cfg.optim, denv.rank, denv.world_size)
+        parts.loader = train_stream(setup)
         seed_everything(t.seed)
-    del initial_weights
-    if cfg.eval.precompile:  # untimed too, and before any token is read: random tokens, copies of the model
-        warm = precompile_evaluation(model, cfg, final_eval, denv, timer)
-        progress.message(f"eval graphs compiled in {warm['seconds']:.1f} s (untimed warm-up): scoring "
-                         f"{warm['scoring']}, TTT step {warm['ttt_step']}")
-    ema, swa = build_averagers(model, t)
-    state = TrainState()
-    if resume:
-        folder = restore_checkpoint(run_dir, state, model, opt, loader, ema, swa, cfg, denv)
-        timer.add("train_loop", state.elapsed_s)
-        writer.write("event", step=state.step, what="resume", checkpoint=str(folder))
-        progress.message(f"resumed from {folder} at step {state.step} ({state.elapsed_s:.1f}s trained)")
+    return parts
 
-    # --- the timed loop: step k+1 is issued before step k's loss is read (pgolf.train.pipeline)
-    budget = train_budget_s(cfg)
-    val_cache: dict = {}
-    in_flight: IssuedStep | None = None
 
-    def observe(issued: IssuedStep, steps_ahead: int) -> str:
+def resume_run(setup: RunSetup, parts: Trainer, state: TrainState) -> None:
+    """The latest checkpoint into parts and state; the timer takes the seconds it had trained."""
+    folder = restore_checkpoint(setup.run_dir, state, parts, setup.cfg, setup.denv)
+    setup.timer.add("train_loop", state.elapsed_s)
+    setup.writer.write("event", step=state.step, what="resume", checkpoint=str(folder))
+    setup.progress.message(f"resumed from {folder} at step {state.step} ({state.elapsed_s:.1f}s trained)")
+
+
+class TimedLoop:
+    """The timed loop: step k+1 is issued before step k's loss is read (pgolf.train.pipeline); validation and
+    checkpoints drain the step in flight and pause the clock."""
+
+    def __init__(self, setup: RunSetup, parts: Trainer, state: TrainState):
+        self.setup, self.parts, self.state = setup, parts, state
+        self.cfg, self.t = setup.cfg, setup.cfg.train
+        self.budget = train_budget_s(setup.cfg)
+        self.in_flight: IssuedStep | None = None
+
+    def run(self) -> None:
+        s, state = self.setup, self.state
+        s.timer.start("train_loop")
+        while True:
+            self.issue_step(self.apply_schedules())
+            val_due, checkpoint_due = self.pauses_due()
+            if val_due and not state.stop_reason:
+                self.validate()
+            if state.stop_reason:
+                break
+            if checkpoint_due:
+                self.checkpoint()
+        s.timer.stop("train_loop")
+        s.progress.end()
+        s.writer.write("event", step=state.step, what="stop", reason=state.stop_reason, time_s=state.elapsed_s)
+
+    def apply_schedules(self) -> float:
+        """LR scale and Muon momentum of the step about to run; recurrence and late QAT on once due."""
+        cfg, state, model, writer = self.cfg, self.state, self.parts.model, self.setup.writer
+        scale = lr_scale(state.step, state.elapsed_s, self.t)
+        self.parts.opt.set_lr_scale(scale)
+        self.parts.opt.set_muon_momentum(muon_momentum_at(state.step, cfg.optim))
+        if uses_recurrence(cfg) and not state.recurrence_on and progress_frac(cfg, state) >= cfg.model.recur_start_frac:
+            state.recurrence_on = True
+            model.set_recurrence(True)
+            writer.write("event", step=state.step, what="recurrence_on", time_s=state.elapsed_s)
+        if not state.qat_on and qat_due(scale, self.t):
+            state.qat_on = True
+            state.qat_clip_k = qat_clip_k(model, cfg.quant, self.setup.code_bytes)
+            set_qat_from_config(model, True, cfg.quant, state.qat_clip_k)
+            writer.write("event", step=state.step, what="qat_on", time_s=state.elapsed_s, lr_scale=scale,
+                         clip_k=state.qat_clip_k)
+        return scale
+
+    def issue_step(self, scale: float) -> None:
+        """One step issued; the one before it observed while this one runs; stop_reason set when due."""
+        p, state = self.parts, self.state
+        loss = train_step(p.step_model, p.opt, p.loader, self.cfg, self.setup.denv.device)
+        state.step += 1
+        state.train_tokens += self.t.batch_tokens
+        if p.ema is not None:
+            p.ema.update(p.model)
+        if p.swa is not None:
+            p.swa.maybe_update(p.model, state.step, scale)
+        previous, self.in_flight = self.in_flight, IssuedStep(state.step, state.train_tokens, scale,
+                                                              LossReadback(loss),
+                                                              issued_s=self.setup.timer.elapsed("train_loop"))
+        if previous is not None:
+            state.stop_reason = self.observe(previous, steps_ahead=2)  # the step just issued, then the next one
+        if not state.stop_reason and state.step >= self.t.max_steps:
+            state.stop_reason = "max_steps"
+
+    def pauses_due(self) -> tuple[bool, bool]:
+        """(validation due, checkpoint due) now; before either, or a stop other than "nan", the step in flight
+        is drained: nothing runs past state.step then (and it may itself find a stop)."""
+        state, t = self.state, self.t
+        val_due = t.val_every > 0 and state.step % t.val_every == 0 and not state.stop_reason
+        checkpoint_due = (t.checkpoint_every_s > 0 and not state.stop_reason
+                          and state.elapsed_s - state.last_checkpoint_s >= t.checkpoint_every_s)
+        if (state.stop_reason or val_due or checkpoint_due) and state.stop_reason != "nan":
+            found = self.observe(self.in_flight, steps_ahead=1)
+            self.in_flight = None
+            if found == "nan" or not state.stop_reason:
+                state.stop_reason = found
+        return val_due, checkpoint_due
+
+    def observe(self, issued: IssuedStep, steps_ahead: int) -> str:
         """Wait for `issued` to end, log it, and return why to stop ("" to go on): "nan", or "wallclock" when
         steps_ahead more steps (the one in flight, then the next) would end past the budget."""
-        loss_value, ended_s, finite = issued.end_time(lambda: timer.elapsed("train_loop"), state.elapsed_s)
+        s, state, t, budget = self.setup, self.state, self.t, self.budget
+        loss_value, ended_s, finite = issued.end_time(lambda: s.timer.elapsed("train_loop"), state.elapsed_s)
         # one MAX all-reduce a step: [elapsed, non-finite loss]
         elapsed, bad = all_reduce_max_many([ended_s, 0.0 if finite else 1.0])
         step_s = elapsed - state.elapsed_s  # from the all-reduced clock: every rank decides alike
         state.elapsed_s, state.last_loss = elapsed, loss_value
         if bad:
-            writer.write("event", step=issued.step, what="nan", loss=loss_value, time_s=elapsed)
-            progress.message(f"stopping: non-finite training loss ({loss_value}) at step {issued.step}")
+            s.writer.write("event", step=issued.step, what="nan", loss=loss_value, time_s=elapsed)
+            s.progress.message(f"stopping: non-finite training loss ({loss_value}) at step {issued.step}")
             return "nan"
         if issued.step % max(t.log_every, 1) == 0 or issued.step == 1:
-            writer.write("train", step=issued.step, time_s=elapsed, loss=all_reduce_mean(loss_value),
-                         lr_scale=issued.lr_scale, tokens=issued.train_tokens,
-                         tok_s=issued.train_tokens / max(elapsed, 1e-9))
+            s.writer.write("train", step=issued.step, time_s=elapsed, loss=all_reduce_mean(loss_value),
+                           lr_scale=issued.lr_scale, tokens=issued.train_tokens,
+                           tok_s=issued.train_tokens / max(elapsed, 1e-9))
         state.step_s_avg = step_s if state.step_s_avg == 0 else 0.9 * state.step_s_avg + 0.1 * step_s
         time_left = budget - elapsed if budget > 0 else None
-        progress.update(issued.step, loss_value, t.batch_tokens / max(step_s, 1e-9), 1000.0 * step_s, time_left)
+        s.progress.update(issued.step, loss_value, t.batch_tokens / max(step_s, 1e-9), 1000.0 * step_s, time_left)
         return "wallclock" if budget > 0 and elapsed + steps_ahead * state.step_s_avg > budget else ""
 
-    timer.start("train_loop")
-    while True:
-        scale = lr_scale(state.step, state.elapsed_s, t)
-        opt.set_lr_scale(scale)
-        opt.set_muon_momentum(muon_momentum_at(state.step, cfg.optim))
-        if uses_recurrence(cfg) and not state.recurrence_on and progress_frac(cfg, state) >= cfg.model.recur_start_frac:
-            state.recurrence_on = True
-            model.set_recurrence(True)
-            writer.write("event", step=state.step, what="recurrence_on", time_s=state.elapsed_s)
-        if not state.qat_on and qat_due(scale, t):
-            state.qat_on = True
-            state.qat_clip_k = qat_clip_k(model, cfg.quant, code_bytes)
-            set_qat_from_config(model, True, cfg.quant, state.qat_clip_k)
-            writer.write("event", step=state.step, what="qat_on", time_s=state.elapsed_s, lr_scale=scale,
-                         clip_k=state.qat_clip_k)
+    def validate(self) -> None:
+        s, state = self.setup, self.state
+        with s.timer.paused("train_loop"):
+            res = evaluate_prequant(self.parts.model, s.cfg, s.val_files, s.tokenizer_path, s.denv, s.val_cache)
+            s.writer.write("val", step=state.step, time_s=state.elapsed_s, val_loss=res["val_loss"],
+                           val_bpb=res["val_bpb"])
+            s.progress.message(f"step {state.step}  val_loss {res['val_loss']:.4f}  val_bpb {res['val_bpb']:.4f}")
 
-        loss = train_step(step_model, opt, loader, cfg, device)
-        state.step += 1
-        state.train_tokens += t.batch_tokens
-        if ema is not None:
-            ema.update(model)
-        if swa is not None:
-            swa.maybe_update(model, state.step, scale)
-        previous, in_flight = in_flight, IssuedStep(state.step, state.train_tokens, scale, LossReadback(loss),
-                                                    issued_s=timer.elapsed("train_loop"))
-        if previous is not None:
-            state.stop_reason = observe(previous, steps_ahead=2)  # the step just issued, then the next one
-        if not state.stop_reason and state.step >= t.max_steps:
-            state.stop_reason = "max_steps"
-        val_due = t.val_every > 0 and state.step % t.val_every == 0 and not state.stop_reason
-        checkpoint_due = (t.checkpoint_every_s > 0 and not state.stop_reason
-                          and state.elapsed_s - state.last_checkpoint_s >= t.checkpoint_every_s)
-        if (state.stop_reason or val_due or checkpoint_due) and state.stop_reason != "nan":
-            found = observe(in_flight, steps_ahead=1)  # drained: nothing runs past state.step now
-            in_flight = None
-            if found == "nan" or not state.stop_reason:
-                state.stop_reason = found
-        if val_due and not state.stop_reason:
-            with timer.paused("train_loop"):
-                res = evaluate_prequant(model, cfg, val_files, tokenizer_path, denv, val_cache)
-                writer.write("val", step=state.step, time_s=state.elapsed_s, val_loss=res["val_loss"],
-                             val_bpb=res["val_bpb"])
-                progress.message(f"step {state.step}  val_loss {res['val_loss']:.4f}  val_bpb {res['val_bpb']:.4f}")
-        if state.stop_reason:
-            break
-        if checkpoint_due:
-            with timer.paused("train_loop"):
-                checkpoint_now(run_dir, state, model, opt, loader, ema, swa, denv)
-                audit.save(main)  # a killed run's reads stay on record; its resume appends to them
-            state.last_checkpoint_s = state.elapsed_s
-    timer.stop("train_loop")
-    progress.end()
-    writer.write("event", step=state.step, what="stop", reason=state.stop_reason, time_s=state.elapsed_s)
-    record["train"] = {
-        "steps": state.step, "ms_per_step": 1000.0 * state.elapsed_s / max(state.step, 1),
-        "tokens_per_s": state.train_tokens / max(state.elapsed_s, 1e-9), "train_tokens": state.train_tokens,
-        "stop_reason": state.stop_reason, "params": n_params,
-        "qat_clip_k": state.qat_clip_k if state.qat_on else None,
-    }
-    if writer.error:
-        record["metrics_error"] = writer.error
-    if state.stop_reason == "nan":
-        record["status"] = "nan"
-        record["timings"].update(timer_timings(timer))
-        audit.save(main)
-        if main:
-            write_record(run_dir, record)
-        writer.close()
-        return record
+    def checkpoint(self) -> None:
+        s, state = self.setup, self.state
+        with s.timer.paused("train_loop"):
+            checkpoint_now(s.run_dir, state, self.parts, s.denv)
+            s.audit.save(s.denv.is_main)  # a killed run's reads stay on record; its resume appends to them
+        state.last_checkpoint_s = state.elapsed_s
 
-    # --- averaged weights in, then calibration (timed: it counts against the wallclock budget)
-    record["train"]["averaged"] = swap_in_averaged(model, ema, swa)
+
+def record_training(setup: RunSetup, parts: Trainer, state: TrainState) -> None:
+    """The timed loop's figures into the run record (and the metrics file's error, if it had one)."""
+    setup.record.train = TrainRecord(
+        steps=state.step, ms_per_step=1000.0 * state.elapsed_s / max(state.step, 1),
+        tokens_per_s=state.train_tokens / max(state.elapsed_s, 1e-9), train_tokens=state.train_tokens,
+        stop_reason=state.stop_reason, params=parts.n_params, qat_clip_k=state.qat_clip_k if state.qat_on else None)
+    if setup.writer.error:
+        setup.record.metrics_error = setup.writer.error
+
+
+def end_nan_run(setup: RunSetup) -> RunRecord:
+    """A run stopped by a non-finite loss: its record (status "nan") and file audit written, nothing after."""
+    record = setup.record
+    record.status = "nan"
+    record.timings.update(timer_timings(setup.timer))
+    setup.audit.save(setup.denv.is_main)
+    if setup.denv.is_main:
+        write_record(setup.run_dir, record)
+    setup.writer.close()
+    return record
+
+
+def finish_trained_run(setup: RunSetup, parts: Trainer, state: TrainState, final_eval: bool) -> RunRecord:
+    """Averaged weights in, calibration (timed: it counts against the wallclock budget), pre-quant validation
+    of the float model, float weights saved, then finish_run (quantize, evaluate, record.json)."""
+    cfg, model, record, denv = setup.cfg, parts.model, setup.record, setup.denv
+    record.train.averaged = swap_in_averaged(model, parts.ema, parts.swa)
     set_qat_from_config(model, False, cfg.quant)
     set_training_kernels(model, cfg, False)  # the evaluated and exported model (and its copies) runs plain
-    hessians = collect_calibration(model, loader, cfg, device, timer, denv)
-
-    # --- pre-quant validation of the float model, float weights saved
-    with timer.phase("eval_plain"):  # eager: compiling a second (inference) graph costs more than it saves
-        res = evaluate_prequant(model, cfg, val_files, tokenizer_path, denv, val_cache)
-    record["metrics"]["prequant_loss"], record["metrics"]["prequant_bpb"] = res["val_loss"], res["val_bpb"]
-    writer.write("val", step=state.step, time_s=state.elapsed_s, val_loss=res["val_loss"], val_bpb=res["val_bpb"])
-    progress.message(f"pre-quant  val_loss {res['val_loss']:.4f}  val_bpb {res['val_bpb']:.4f}")
-    if main:
-        meta = {"config_hash": config_hash(cfg), "step": state.step, "averaged": record["train"]["averaged"]}
-        write_tensors(run_dir / "model.pgw", {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-                                              for k, v in model.state_dict().items()}, meta)
-        if hessians:
-            write_tensors(run_dir / "hessians.pgw", hessians, {"batches": cfg.quant.calib_batches})
-    record = finish_run(cfg, model, hessians, run_dir, env, timer, record, denv=denv,
-                        val_files=val_files, tokenizer_path=tokenizer_path, val_cache=val_cache,
-                        final_eval=final_eval, code_bytes=code_bytes, audit=audit)
-    writer.close()
+    hessians = collect_calibration(model, parts.loader, cfg, denv.device, setup.timer, denv)
+    with setup.timer.phase("eval_plain"):  # eager: compiling a second (inference) graph costs more than it saves
+        res = evaluate_prequant(model, cfg, setup.val_files, setup.tokenizer_path, denv, setup.val_cache)
+    record.metrics.prequant_loss, record.metrics.prequant_bpb = res["val_loss"], res["val_bpb"]
+    setup.writer.write("val", step=state.step, time_s=state.elapsed_s, val_loss=res["val_loss"],
+                       val_bpb=res["val_bpb"])
+    setup.progress.message(f"pre-quant  val_loss {res['val_loss']:.4f}  val_bpb {res['val_bpb']:.4f}")
+    if denv.is_main:
+        save_float_weights(setup, model, state, hessians)
+    record = finish_run(cfg, model, hessians, setup.run_dir, setup.env, setup.timer, record, denv=denv,
+                        val_files=setup.val_files, tokenizer_path=setup.tokenizer_path, val_cache=setup.val_cache,
+                        final_eval=final_eval, code_bytes=setup.code_bytes, audit=setup.audit)
+    setup.writer.close()
     return record
+
+
+def save_float_weights(setup: RunSetup, model, state: TrainState, hessians: dict) -> None:
+    """model.pgw (the float weights, fp32 on the CPU) and, with GPTQ, hessians.pgw in the run directory."""
+    meta = {"config_hash": config_hash(setup.cfg), "step": state.step, "averaged": setup.record.train.averaged}
+    write_tensors(setup.run_dir / "model.pgw", {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                                                for k, v in model.state_dict().items()}, meta)
+    if hessians:
+        write_tensors(setup.run_dir / "hessians.pgw", hessians, {"batches": setup.cfg.quant.calib_batches})
 
 
 def collect_calibration(model, loader, cfg: RunConfig, device, timer: PhaseTimer, denv: DistEnv) -> dict:
