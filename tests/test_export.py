@@ -269,6 +269,14 @@ def test_generated_script_parses_and_imports_only_allowed_packages(tiny_script):
     assert decoded.decode() == source
 
 
+def test_compressed_form_keeps_the_source_readable(tmp_path):
+    """triton.jit reads its kernels' source with inspect: the wrapped script registers the plain text."""
+    (tmp_path / "w.py").write_text(wrap_compressed("import inspect\n\n\ndef f():\n    return 1\n\n\n"
+                                                   "print(inspect.getsource(f), end='')\n"))
+    out = subprocess.run([PYTHON, "w.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "def f():\n    return 1\n", out.stderr
+
+
 def script_namespace(source: str) -> dict:
     namespace = {"__name__": "train_gpt_under_test", "__file__": "train_gpt.py"}
     exec(compile(source, "train_gpt.py", "exec"), namespace)
