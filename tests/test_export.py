@@ -1,5 +1,6 @@
-"""The exporter: amalgamation-friendliness of the package, the generated train_gpt.py, the submission folder,
-and the key check that the exported script trains bit for bit like the package."""
+"""The exporter: the declared manifest against the package's real imports, the line rules, the generated
+train_gpt.py, the submission folder, and the key check that the exported script trains bit for bit like the
+package."""
 
 import argparse
 import ast
@@ -18,18 +19,14 @@ from pgolf.config import apply_overrides
 from pgolf.errors import UserError
 from pgolf.export.amalgamate import (
     AmalgamationError,
-    ParsedModule,
     amalgamate,
-    check_third_party,
     check_unique_names,
-    drop_comments,
     export_script,
-    module_manifest,
-    package_imports,
-    parse_module,
-    transform_module,
+    module_file,
+    transform_text,
     wrap_compressed,
 )
+from pgolf.export.manifest import OUTSIDE_SCRIPT, SCRIPT_MODULES, module_manifest, script_packages
 from pgolf.recipes import RECIPES, get_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +34,7 @@ TOKENIZER_1024 = REPO.parent / "shared" / "data" / "tokenizers" / "fineweb_1024_
 WIKI_DOCS = REPO.parent / "shared" / "data" / "wiki" / "docs_000.jsonl.xz"
 PYTHON = sys.executable
 ALLOWED_ROOTS = {"torch", "numpy", "sentencepiece", "zstandard", "brotli"}
+SCRIPT_ROOTS = ("pgolf.train.loop", "pgolf.export.script_entry")  # where the script's run path starts
 
 
 def all_package_modules() -> list[str]:
@@ -47,13 +45,38 @@ def all_package_modules() -> list[str]:
     return names
 
 
-def synthetic_module(name: str, source: str) -> ParsedModule:
-    tree = ast.parse(source)
-    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-    return ParsedModule(name, Path(name.replace(".", "/") + ".py"), source, tree, parents)
+def package_imports(name: str) -> list[tuple[str, bool]]:
+    """(module, at module level) of every `from pgolf.x import` of a package module, read with ast (the test's
+    independent view; the exporter itself only tokenizes)."""
+    tree = ast.parse(module_file(name).read_text())
+    top = set(tree.body)
+    return [(node.module, node in top) for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pgolf")]
 
 
-# ---- (a) the package is amalgamation-friendly
+def bound_names(stmt) -> list[tuple[str, str]]:
+    """(name, binding) of the top-level names stmt binds, also inside top-level try / if blocks."""
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [(stmt.name, "def")]
+    if isinstance(stmt, ast.Import):
+        return [(a.asname or a.name.split(".")[0], f"import {a.name if a.asname else a.name.split('.')[0]}")
+                for a in stmt.names]  # `import a.b` binds a
+    if isinstance(stmt, ast.ImportFrom):
+        return [(a.asname or a.name, f"from {stmt.module} import {a.name}") for a in stmt.names]
+    if isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+        return [(n.id, "def") for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+    return [b for f in ("body", "orelse", "finalbody", "handlers") for child in getattr(stmt, f, []) or []
+            for b in bound_names(child)]
+
+
+def text(source: str, placed=None, left_out=None, codec="zstd", docstrings=True, comments=True, name="pgolf.m"):
+    placed = {"pgolf.errors": 0, "pgolf.m": 1, "pgolf.later": 2} if placed is None else placed
+    return transform_text(name, Path(name.replace(".", "/") + ".py"), source, placed, left_out or {}, codec,
+                          docstrings, comments)
+
+
+# ---- (a) the declared manifest matches the package
 
 IMPORT_PROBE = r"""
 import contextlib, io, json, os, sys, threading, traceback, importlib
@@ -91,73 +114,126 @@ def test_every_module_imports_without_side_effects(tmp_path):
     assert problems == {}
 
 
+def test_manifest_is_the_run_path_in_dependency_order():
+    """SCRIPT_MODULES holds exactly the modules the run path imports (ast closure from train_run and the
+    script entry, the exporter aside), each after every module it imports at module level."""
+    declared = [row.name for row in SCRIPT_MODULES]
+    assert len(declared) == len(set(declared))
+    reached, todo = set(), list(SCRIPT_ROOTS)
+    while todo:
+        name = todo.pop()
+        if name in reached or name in OUTSIDE_SCRIPT:
+            continue
+        reached.add(name)
+        todo += [dep for dep, _ in package_imports(name)]
+    assert sorted(reached) == sorted(declared)
+    for name in declared:
+        for dep, top in package_imports(name):
+            if top:
+                assert declared.index(dep) < declared.index(name), (dep, name)
+    conditional = {row.name for row in SCRIPT_MODULES if row.when is not None}
+    always = [name for name in declared if name not in conditional]
+    for name in always:  # an always-present module may import a conditional one only inside a function
+        assert not [dep for dep, top in package_imports(name) if top and dep in conditional], name
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_manifest_names_are_unique_and_imports_resolve(recipe):
+def test_manifest_of_each_recipe(recipe):
     names, left_out = module_manifest(get_recipe(recipe))
-    assert names[0] == "pgolf.errors" and names[-1] == "pgolf.train.loop"
-    assert not any(n.startswith(("pgolf.export", "pgolf.experiments", "pgolf.cli")) for n in names)
-    check_unique_names([parse_module(n) for n in names])
-    for name in names:  # dependencies come first
-        for dep, lazy in package_imports(parse_module(name)):
-            if not lazy:
-                assert names.index(dep) < names.index(name), (dep, name)
+    assert names[0] == "pgolf.errors" and names[-1] == "pgolf.export.script_entry"
+    assert not any(n.startswith(("pgolf.experiments", "pgolf.cli")) for n in names)
+    assert left_out["pgolf.export.amalgamate"] == "never" and not set(names) & set(left_out)
+
+
+def test_every_conditional_module_can_be_left_out():
+    cfg = apply_overrides(get_recipe("tiny"), ["train.doc_mask=false", "eval.sliding_stride=0", "eval.ttt=false",
+                                               "eval.precompile=false", "quant.enabled=false", "quant.fit_k=false"])
+    source, info = amalgamate(cfg)
+    conditional = {row.name for row in SCRIPT_MODULES if row.when is not None}
+    assert conditional <= set(info["left_out"]) and not conditional & set(info["modules"])
+    full = apply_overrides(get_recipe("frontier"), ["eval.precompile=true"])
+    assert conditional <= set(amalgamate(full)[1]["modules"])
+    assert len(source) < len(amalgamate(full)[0])
 
 
 def test_top_level_names_are_unique_across_the_whole_package():
-    check_unique_names([parse_module(n) for n in all_package_modules()])
-
-
-def test_package_imports_are_absolute_and_by_name():
+    owner, clashes = {}, []
     for name in all_package_modules():
-        package_imports(parse_module(name))  # raises on relative, `import pgolf.x`, or aliased imports
+        for stmt in ast.parse(module_file(name).read_text()).body:
+            if isinstance(stmt, ast.ImportFrom) and (stmt.module or "").startswith("pgolf"):
+                continue
+            for bound, binding in bound_names(stmt):
+                prev = owner.setdefault(bound, (name, binding))
+                if prev[0] != name and (binding == "def" or binding != prev[1]):
+                    clashes.append((bound, prev[0], name))
+    assert clashes == []
 
 
-def test_clash_detection_names_both_modules():
-    a = synthetic_module("pgolf.a", "import torch\nfrom torch import nn\nLIMIT = 3\ndef helper():\n    pass\n")
-    b = synthetic_module("pgolf.b", "import torch\nfrom torch import nn\ndef helper():\n    return 1\n")
-    check_unique_names([a, synthetic_module("pgolf.c", "import torch\nfrom torch import nn\n")])
-    with pytest.raises(AmalgamationError, match=r"'helper' in pgolf.a and pgolf.b"):
-        check_unique_names([a, b])
-    c = synthetic_module("pgolf.c", "from numpy import random as nn\n")
-    with pytest.raises(AmalgamationError, match="'nn'"):
-        check_unique_names([a, c])
+def test_the_exporter_reads_no_code():
+    """Item 5 of issue 22: the exporter decides nothing by parsing or running package code."""
+    for path in (REPO / "pgolf" / "export").glob("*.py"):
+        source = path.read_text()
+        for word in ("import ast", "eval(", "exec(", "find_spec", "import_module", "inspect"):
+            assert word not in source, (path.name, word)
 
 
-def test_bad_package_imports_are_refused():
-    for src in ("from .x import y\n", "import pgolf.config\n", "from pgolf.config import RunConfig as RC\n"):
-        with pytest.raises(AmalgamationError):
-            package_imports(synthetic_module("pgolf.m", src))
+# ---- the line rules
+
+def test_package_imports_go_and_their_rules_hold():
+    src = ("import math\nfrom pgolf.errors import UserError\nfrom pgolf.errors import (\n    UserError,\n)\n\n\n"
+           "def run():\n    from pgolf.later import thing\n    from pgolf.gone import other\n    return math.pi\n")
+    mod = text(src, left_out={"pgolf.gone": "cfg.x"})
+    assert mod.body == "def run():\n    return math.pi\n"
+    assert mod.hoisted == [("import", "math", None)] and mod.defined == [("run", "pgolf/m.py:8")]
+    bad = {"from .x import y\n": "must be `from pgolf.x import name`",
+           "import pgolf.config\n": "must be `from pgolf.x import name`",
+           "from pgolf.errors import UserError as E\n": "unaliased",
+           "from pgolf.later import thing\n": "must come before it in SCRIPT_MODULES",
+           "from pgolf.gone import other\n": "in only when cfg.x",
+           "def f():\n    from pgolf.elsewhere import x\n": "not in SCRIPT_MODULES",
+           "import os; from pgolf.errors import UserError\n": "own line",
+           "if __name__ == '__main__':\n    pass\n": "__name__"}
+    for source, message in bad.items():
+        with pytest.raises(AmalgamationError, match=message):
+            text(source, left_out={"pgolf.gone": "cfg.x"})
+
+
+def test_docstrings_comments_and_strings():
+    src = ('"""Module doc.\nfrom pgolf.errors import UserError\n"""\n\nimport math  # hoisted\n\n\n'
+           'class Oops(Exception):\n    """Only a docstring."""\n\n\n'
+           'def f(x):\n    """Doc."""\n    # a comment line\n    s = """\nfrom pgolf.errors import UserError\n\n'
+           '# in a string\n"""\n    return x + "a # not a comment"  # comment\n')
+    body = text(src).body
+    assert body == ('class Oops(Exception):\n    pass\ndef f(x):\n    s = """\nfrom pgolf.errors import UserError\n\n'
+                    '# in a string\n"""\n    return x + "a # not a comment"\n')
+    kept = text(src, docstrings=False, comments=False).body
+    assert kept.startswith('"""Module doc.\nfrom pgolf.errors import UserError\n"""\n\n\n\nclass Oops')
+    assert '    """Doc."""\n    # a comment line\n' in kept and "# comment\n" in kept
+    ast.parse(body), ast.parse(kept)
 
 
 def test_third_party_policy():
-    ok = synthetic_module("pgolf.m", "import numpy as np\nimport json\n\ndef f():\n    import zstandard\n"
-                                     "    try:\n        import wandb\n    except ImportError:\n        pass\n")
-    assert check_third_party([ok], "zlib") == {"required": ["numpy"], "optional": ["wandb", "zstandard"]}
-    assert check_third_party([ok], "zstd")["required"] == ["numpy", "zstandard"]
-    for src in ("import requests\n", "def f():\n    import scipy\n", "import brotli\n"):
-        with pytest.raises(AmalgamationError, match="may import only"):
-            check_third_party([synthetic_module("pgolf.m", src)], "zstd")
+    ok = ("import numpy as np\nimport json\n\ndef f():\n    import zstandard\n"
+          "    try:\n        import wandb\n    except ImportError:\n        pass\n")
+    assert text(ok, codec="zlib").hoisted == [("import", "numpy", "np"), ("import", "json", None)]
+    assert script_packages("zlib") == {"required": ["numpy", "sentencepiece", "torch"],
+                                       "optional": ["brotli", "flash_attn_interface", "triton", "wandb", "zstandard"]}
+    assert script_packages("zstd")["required"] == ["numpy", "sentencepiece", "torch", "zstandard"]
+    for src in ("import requests\n", "def f():\n    import scipy\n", "import brotli\n", "from brotli import x\n"):
+        with pytest.raises(AmalgamationError, match="may not import"):
+            text(src, codec="zstd")
 
 
-def test_transform_strips_package_imports_docstrings_and_resolves_presence_checks():
-    src = ('"""Module doc."""\n\nimport math\n\nfrom pgolf.errors import UserError\n\n\n'
-           'class Oops(UserError):\n    """Only a docstring."""\n\n\n'
-           'def run(x):\n    """Doc."""\n    from pgolf.eval.ttt import evaluate_ttt\n\n'
-           '    if module_exists("pgolf.eval.ttt") and module_exists("pgolf.nope"):\n'
-           '        return evaluate_ttt(x)\n    return math.pi  # keep\n')
-    body, hoisted = transform_module(synthetic_module("pgolf.m", src), {"pgolf.eval.ttt"}, strip_docstrings=True)
-    assert [ast.unparse(h) for h in hoisted] == ["import math"]
-    assert "pgolf" not in body and '"""' not in body and "import" not in body
-    assert "class Oops(UserError):\n    pass" in body
-    assert "if True and False:" in body and "# keep" in body
-    ast.parse(body)
-    kept, _ = transform_module(synthetic_module("pgolf.m", src), set(), strip_docstrings=False)
-    assert '"""Doc."""' in kept and "if False and False:" in kept
-
-
-def test_drop_comments_leaves_strings_alone():
-    src = 'x = "a # not a comment"  # comment\n    # whole line\ny = """\n# in a string\n"""\n'
-    assert drop_comments(src) == 'x = "a # not a comment"\ny = """\n# in a string\n"""\n'
+def test_clash_detection_names_both_modules():
+    a = text("import torch\nfrom torch import nn\nLIMIT = 3\ndef helper():\n    pass\n", name="pgolf.a")
+    b = text("import torch\nfrom torch import nn\ndef helper():\n    return 1\n", name="pgolf.b")
+    check_unique_names([a, text("import torch\nfrom torch import nn\nx: int = 1\n", name="pgolf.c")])
+    with pytest.raises(AmalgamationError, match=r"'helper' in pgolf/a.py:4 and pgolf/b.py:3"):
+        check_unique_names([a, b])
+    with pytest.raises(AmalgamationError, match="'nn'"):
+        check_unique_names([a, text("from numpy import random as nn\n", name="pgolf.c")])
+    with pytest.raises(AmalgamationError, match="'LIMIT'"):
+        check_unique_names([a, text("LIMIT, OTHER = 1, 2\n", name="pgolf.c")])
 
 
 # ---- (b) the generated script
@@ -182,8 +258,8 @@ def test_generated_script_parses_and_imports_only_allowed_packages(tiny_script):
     assert "pgolf" not in roots and "pgolf" not in source.split("import")
     assert roots - set(sys.stdlib_module_names) <= ALLOWED_ROOTS
     assert "pgolf.eval.ttt" in info["modules"]
-    assert info["left_out"] == {"pgolf.export.amalgamate": "False", "pgolf.model.doc_attention": "cfg.train.doc_mask"}
-    assert source.rstrip().endswith("sys.exit(main())")
+    assert info["left_out"] == {"pgolf.export.amalgamate": "never", "pgolf.model.doc_attention": "cfg.train.doc_mask"}
+    assert source.rstrip().endswith("sys.exit(script_main(Hyperparameters, __file__))")
     wrapped = wrap_compressed(source)
     assert len(wrapped) < len(source) and wrapped.count("\n") == 2
     blob = ast.literal_eval(wrapped.split("b85decode(", 1)[1].split("),format", 1)[0])
@@ -191,6 +267,14 @@ def test_generated_script_parses_and_imports_only_allowed_packages(tiny_script):
 
     decoded = lzma.decompress(base64.b85decode(blob), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
     assert decoded.decode() == source
+
+
+def test_compressed_form_keeps_the_source_readable(tmp_path):
+    """triton.jit reads its kernels' source with inspect: the wrapped script registers the plain text."""
+    (tmp_path / "w.py").write_text(wrap_compressed("import inspect\n\n\ndef f():\n    return 1\n\n\n"
+                                                   "print(inspect.getsource(f), end='')\n"))
+    out = subprocess.run([PYTHON, "w.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "def f():\n    return 1\n", out.stderr
 
 
 def script_namespace(source: str) -> dict:

@@ -1,5 +1,6 @@
-"""The generated tail of `train_gpt.py`: a `Hyperparameters` table with one environment variable per config
-field (the recipe's values as defaults) and the `main()` that runs `train_run` with it.
+"""The generated tail of `train_gpt.py`: a `Hyperparameters` table with one environment variable per field of
+the typed config tree (dataclasses.fields; the recipe's values as defaults), read and run by
+pgolf/export/script_entry.py.
 
 Env names: the challenge's conventional name where one exists (NUM_LAYERS, MATRIX_LR, ITERATIONS, ...),
 else the upper-cased `SECTION_FIELD` (MODEL_XSA_LAST_N, QUANT_MATRIX_BITS, ...). Environment variables are
@@ -84,6 +85,9 @@ def config_leaves(cfg, prefix: str = ""):
         if dataclasses.is_dataclass(value):
             yield from config_leaves(value, key + ".")
         elif key not in FIXED_KEYS:
+            if not isinstance(value, (bool, int, float, str)):
+                raise UserError(f"config field {key} = {value!r}: the exported script reads only bool, int, "
+                                f"float and str fields from environment variables")
             yield key, value
 
 
@@ -110,84 +114,18 @@ def env_prefixes(table) -> tuple[str, ...]:
     return tuple(sorted(w + "_" for w in words if len(w) >= 3))
 
 
-def guard_lines(left_out: dict[str, str]) -> list[str]:
-    """run_config() checks that refuse a setting which needs a module the script was generated without."""
-    lines = []
-    for module, condition in sorted(left_out.items()):
-        if condition == "False":
-            continue
-        lines += [f"        if {condition}:",
-                  f"            raise ConfigError({(module + ' is not in this script (the recipe had it off); ')!r}",
-                  f"                              {'regenerate it with pgolf export and the setting on'!r})"]
-    return lines
-
-
-def hyperparameters_section(cfg: RunConfig, left_out: dict[str, str], train_run_takes_code_bytes: bool) -> str:
-    """Python source of the Hyperparameters class and main() for a script whose defaults are cfg."""
+def settings_section(cfg: RunConfig, left_out: list[tuple[str, str, tuple]]) -> str:
+    """Python source of the script's tail: the Hyperparameters table of cfg (a ScriptSettings subclass,
+    pgolf/export/script_entry.py) and the line that runs it. left_out: (module, mode, terms) of the modules
+    the script lacks (pgolf.export.manifest.left_out_conditions)."""
     table = env_table(cfg)
-    fields = "\n".join(f"        ({name!r}, {key!r}, {value!r})," for name, key, value in table)
-    run_call = ("train_run(cfg, code_bytes=os.path.getsize(__file__))" if train_run_takes_code_bytes
-                else "train_run(cfg)")
-    stamp = "" if train_run_takes_code_bytes else "\n    stamp_script_code_bytes(cfg, record)"
-    guards = "".join(line + "\n" for line in guard_lines(left_out))
-    return f'''import os
-import sys
-from pathlib import Path
-
-
-class Hyperparameters:
-    """Every setting of the run, each read from one environment variable; defaults: recipe {cfg.recipe!r}."""
-
-    RECIPE = {cfg.recipe!r}
-    # (env var, config key, default)
-    FIELDS = (
-{fields}
-    )
-    PREFIXES = {env_prefixes(table)!r}
-
-    def __init__(self, environ=None):
-        environ = os.environ if environ is None else environ
-        self.values = {{}}
-        for env_name, key, default in self.FIELDS:
-            raw = environ.get(env_name)
-            self.values[key] = default if raw is None else coerce_value(env_name, raw, type(default))
-        known = {{name for name, _, _ in self.FIELDS}}
-        self.unknown = sorted(k for k in environ if k.startswith(self.PREFIXES) and k not in known)
-
-    def run_config(self):
-        cfg = RunConfig(recipe=self.RECIPE)
-        for key, value in self.values.items():
-            section, _, name = key.rpartition(".")
-            setattr(getattr(cfg, section) if section else cfg, name, value)
-        validate_config(cfg)
-{guards}        return cfg
-
-
-def stamp_script_code_bytes(cfg, record):
-    """Put this file's size (the code bytes that ship) into the run record when train_run could not."""
-    if os.environ.get("RANK", "0") != "0" or not record.get("run_id"):
-        return
-    sizes = record["bytes"]
-    sizes["code"] = os.path.getsize(__file__)
-    if sizes.get("artifact") is not None:
-        sizes["total"] = sizes["code"] + sizes["artifact"]
-        record["compliance"]["bytes_total"] = sizes["total"]
-    write_record(Path(cfg.out_dir) / record["run_id"], record)
-
-
-def main():
-    try:
-        hp = Hyperparameters()
-        if hp.unknown and os.environ.get("RANK", "0") == "0":
-            print("warning: ignoring unknown setting(s) " + ", ".join(hp.unknown), file=sys.stderr)
-        cfg = hp.run_config()
-        record = {run_call}
-    except UserError as e:
-        print(f"train_gpt.py: error: {{e}}", file=sys.stderr)
-        return 2{stamp}
-    return 0 if record.get("status") == "ok" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-'''
+    fields = "".join(f"        ({name!r}, {key!r}, {value!r}),\n" for name, key, value in table)
+    missing = "".join(f"        {row!r},\n" for row in left_out)
+    return (f"class Hyperparameters(ScriptSettings):\n"
+            f"    RECIPE = {cfg.recipe!r}\n"
+            f"    FIELDS = (  # (env var, config key, default)\n{fields}    )\n"
+            f"    PREFIXES = {env_prefixes(table)!r}\n"
+            f"    LEFT_OUT = (\n"
+            f"{missing}    )\n\n\n"
+            f"if __name__ == \"__main__\":\n"
+            f"    sys.exit(script_main(Hyperparameters, __file__))\n")

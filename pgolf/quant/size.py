@@ -40,11 +40,15 @@ def code_bytes_of(path) -> int:
 
 
 def wrap_script(source: str) -> str:
-    """A two-line script that decompresses `source` (lzma raw, base85) and executes it in its own globals."""
+    """A two-line script that decompresses `source` (lzma raw, base85) and executes it in its own globals.
+
+    The source is registered in linecache as "<train_gpt>" and compiled under that name, so that
+    inspect.getsource works on what it defines (triton.jit needs it) and tracebacks show its lines."""
     packed = base64.b85encode(lzma.compress(source.encode(), format=lzma.FORMAT_RAW, filters=WRAP_FILTERS))
-    return ("import lzma as L,base64 as B\n"
-            f"exec(L.decompress(B.b85decode(\"{packed.decode()}\"),format=L.FORMAT_RAW,"
-            f"filters=[{{\"id\":L.FILTER_LZMA2}}]))\n")
+    return ("import lzma as L,base64 as B,linecache as C\n"
+            f"S=L.decompress(B.b85decode(\"{packed.decode()}\"),format=L.FORMAT_RAW,"
+            f"filters=[{{\"id\":L.FILTER_LZMA2}}]).decode();N=\"<train_gpt>\";"
+            f"C.cache[N]=(len(S),None,S.splitlines(True),N);exec(compile(S,N,\"exec\"))\n")
 
 
 def smallest_code_form(source: str) -> tuple[str, str]:

@@ -5,7 +5,6 @@ module is in the package and the config enables it; a metric that was not comput
 """
 
 import copy
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -83,13 +82,6 @@ def save_failed_run(run_dir, record: RunRecord, audit: RunFileAudit | None, erro
                          default=str), file=sys.stderr)
 
 
-def module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def load_val_data(cfg: RunConfig, val_files, tokenizer_path, cache: dict) -> tuple[torch.Tensor, object]:
     """Validation tokens (read inside FILE_AUDIT phase "eval") and their byte source (the val byte sidecar where
     the data has one, else the byte LUT: pgolf.data.sidecar.load_val_byte_source), loaded once per run.
@@ -160,8 +152,6 @@ def run_code_bytes(cfg: RunConfig, run_dir: Path, code_bytes: int | None, is_mai
     """Bytes of the submission script: given by the exported script itself, else generated into the run dir."""
     if code_bytes is not None:
         return int(code_bytes)
-    if not module_exists("pgolf.export.amalgamate"):
-        return None
     from pgolf.export.amalgamate import export_script
 
     path = run_dir / "train_gpt.py"
@@ -200,7 +190,7 @@ def quantize_and_roundtrip(cfg: RunConfig, model, hessians: dict, run_dir: Path,
 def finish_run(cfg: RunConfig, model, hessians: dict, run_dir, env: dict, timer: PhaseTimer, record: dict,
                *, denv=None, val_files=None, tokenizer_path=None, val_cache=None, final_eval: bool = True,
                code_bytes: int | None = None, audit: RunFileAudit | None = None) -> dict:
-    """Quantize (when cfg.quant.enabled and the quant pipeline exists), evaluate the round-tripped model
+    """Quantize (when cfg.quant.enabled), evaluate the round-tripped model
     (plain, sliding, TTT as configured), fill record metrics / bytes / timings / compliance, write record.json."""
     denv = denv or DistEnv()
     run_dir = Path(run_dir)
@@ -209,14 +199,14 @@ def finish_run(cfg: RunConfig, model, hessians: dict, run_dir, env: dict, timer:
     eval_model = model
     if cfg.quant.enabled:
         record["bytes"]["code"] = run_code_bytes(cfg, run_dir, code_bytes, denv.is_main)
-    if cfg.quant.enabled and module_exists("pgolf.quant.pipeline"):
+    if cfg.quant.enabled:
         eval_model = quantize_and_roundtrip(cfg, model, hessians, run_dir, timer, record, denv.is_main)
         res = timed(timer, "eval_roundtrip", evaluate_prequant, eval_model, cfg, val_files, tokenizer_path, denv,
                     val_cache)
         metrics["roundtrip_loss"], metrics["roundtrip_bpb"] = res["val_loss"], res["val_bpb"]
         if metrics["prequant_bpb"] is not None:
             metrics["quant_delta"] = res["val_bpb"] - metrics["prequant_bpb"]
-    if final_eval and cfg.eval.sliding_stride > 0 and module_exists("pgolf.eval.sliding"):
+    if final_eval and cfg.eval.sliding_stride > 0:
         from pgolf.eval.sliding import evaluate_sliding
 
         tokens, lut = load_val_data(cfg, val_files, tokenizer_path, val_cache)
@@ -225,7 +215,7 @@ def finish_run(cfg: RunConfig, model, hessians: dict, run_dir, env: dict, timer:
                                    cfg.eval.batch_seqs, denv.rank, denv.world_size, scorer=scorer_for(cfg.eval),
                                    compile_scope=cfg.eval.compile_scope)
         metrics["sliding_loss"], metrics["sliding_bpb"] = res["val_loss"], res["val_bpb"]
-    if final_eval and cfg.eval.ttt and module_exists("pgolf.eval.ttt"):
+    if final_eval and cfg.eval.ttt:
         from pgolf.eval.ttt import evaluate_ttt
 
         tokens, lut = load_val_data(cfg, val_files, tokenizer_path, val_cache)
