@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pgolf.config import RunConfig, config_hash, validate_config
-from pgolf.data.loader import TrainTokenStream
+from pgolf.data.loader import train_token_stream
 from pgolf.data.manifest import check_data_manifest
 from pgolf.data.shards import FILE_AUDIT, list_shards
 from pgolf.data.tokenizer import resolve_tokenizer_path
@@ -298,7 +298,7 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
     initial_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     step_model = compile_for_training(model, cfg)
     opt = build_optimizers(model, cfg.optim, denv.rank, denv.world_size)
-    loader = TrainTokenStream(train_files, denv.rank, denv.world_size, vocab_size=cfg.model.vocab_size)
+    loader = train_token_stream(cfg.data.sampler, train_files, denv.rank, denv.world_size, cfg.model.vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
     progress.message(f"run {run_dir}  params {n_params:,}  world {denv.world_size}  device {device}  "
                      f"{seqs_per_micro} seqs x {t.seq_len} per micro-step, grad_accum {t.grad_accum}")
@@ -312,7 +312,7 @@ def _train_run(cfg: RunConfig, resume: str | None, denv: DistEnv, clock, sinks, 
             model.set_recurrence(False)
         set_qat_from_config(model, False, cfg.quant)
         opt = build_optimizers(model, cfg.optim, denv.rank, denv.world_size)
-        loader = TrainTokenStream(train_files, denv.rank, denv.world_size, vocab_size=cfg.model.vocab_size)
+        loader = train_token_stream(cfg.data.sampler, train_files, denv.rank, denv.world_size, cfg.model.vocab_size)
         seed_everything(t.seed)
     del initial_weights
     if cfg.eval.precompile:  # untimed too, and before any token is read: random tokens, copies of the model
