@@ -256,8 +256,10 @@ def test_coprime_batches_do_not_depend_on_the_rank_split_and_resume_exactly(shar
         resumed.load_state_dict(TrainTokenStream(shards).state_dict())
 
 
-def test_coprime_reads_shards_through_the_audit(shards):
+def test_coprime_opens_every_shard_through_the_audit_and_checks_the_vocab(shards):
     FILE_AUDIT.clear()
     with FILE_AUDIT.phase("train"):
         CoprimeShardStream(shards).next_batch(512, 32)
-    assert len(set(FILE_AUDIT.opened("train"))) == min(COPRIME_MIX[0], len(SHARD_SIZES))
+    assert len(set(FILE_AUDIT.opened("train"))) == len(SHARD_SIZES)
+    with pytest.raises(UserError, match="vocab_size"):
+        CoprimeShardStream(shards, vocab_size=40_000)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.data.shards import read_shard, resolve_shard_files, shard_token_count
+from pgolf.data.shards import read_shard, resolve_shard_files
 from pgolf.errors import UserError
 
 TRAIN_BOS_ID = 1  # the BOS id of the challenge tokenizers: it opens every document of the shards
@@ -149,6 +149,8 @@ class CoprimeShardStream:
       evenly as possible, each shard's share its next blocks in walk order.
     - Window w of the batch goes to piece w mod (world_size * grad_accum); micro-step m of rank r is piece
       m * world_size + r, as TrainTokenStream's pieces. A rank reads only its own windows.
+    Every shard is opened (memory-mapped and checked) when the stream is built, before the timed loop: the
+    first batches touch most of them, and the sequential stream's one-at-a-time opening would stall there.
     """
 
     def __init__(self, pattern_or_files, rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
@@ -156,14 +158,14 @@ class CoprimeShardStream:
             raise UserError(f"rank={rank} must be in [0, world_size={world_size})")
         self.files = resolve_shard_files(pattern_or_files)
         self.rank, self.world_size, self.vocab_size = rank, world_size, vocab_size
-        self.counts = [shard_token_count(p) for p in self.files]
+        self._tokens = [read_shard(p, vocab_size) for p in self.files]
+        self.counts = [int(t.size) for t in self._tokens]
         self.seed = fnv1a_64("\n".join(p.name for p in self.files))
         self.seq_len = 0  # fixed by the first batch
         self.batches = 0
         self.epochs = [0] * len(self.files)
         self.visited = [0] * len(self.files)
         self._walks: dict[int, tuple[int, int, int, int]] = {}  # shard -> (phase, blocks, start, stride)
-        self._tokens: dict[int, np.ndarray] = {}
         self._plan = None  # the current step's [(shard, token offset)], until its last micro-step
         self._plan_key = None
         self._micro = 0
@@ -218,8 +220,6 @@ class CoprimeShardStream:
         return plan
 
     def _window(self, shard: int, offset: int) -> np.ndarray:
-        if shard not in self._tokens:
-            self._tokens[shard] = read_shard(self.files[shard], self.vocab_size)
         return np.asarray(self._tokens[shard][offset:offset + self.seq_len + 1], dtype=np.int64)
 
     def next_batch(self, batch_tokens: int, seq_len: int, grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
