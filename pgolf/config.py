@@ -24,6 +24,9 @@ class DataConfig:
     tokenizer: str = ""  # SentencePiece .model; "" = the single *.model file inside `path`
     train_pattern: str = "fineweb_train_*.bin"
     val_pattern: str = "fineweb_val_*.bin"
+    # training windows: sequential (the shards front to back) | coprime (PR #1176's multi-shard sampler:
+    # random phase and coprime block stride per shard, an annealed shard mix per batch; pgolf.data.loader)
+    sampler: str = "sequential"
 
 
 @dataclass
@@ -71,6 +74,10 @@ class ModelConfig:
     # the training loss as one Triton kernel per direction on CUDA (fused_ce.py): softcap + cross-entropy on
     # the head's bf16 logits, never materialised in float32; training steps only (GPT.set_training_kernels)
     fused_ce: bool = False
+    # the seed systems' variants (shared/reference/seed-systems.md), each pgolf's behaviour by default
+    embed_param_dtype: str = "float32"  # float32 | bfloat16: master weights of tok_emb, bigram and VE tables
+    bos_mask: bool = True  # smear gates and BigramHash treat every BOS as a document start; False: position 0 only
+    aux_proj_init: str = "pgolf"  # pgolf | ortho | ortho_scaled: init of the bigram and VE projections
 
 
 @dataclass
@@ -95,6 +102,8 @@ class OptimConfig:
     muon_polar_express: bool = False  # Newton-Schulz with the per-iteration Polar Express coefficients
     embed_wd: float = -1.0  # AdamW weight decay of the embed group (token, bigram, VE tables); < 0 = adam_wd
     scalar_wd: float = 0.0  # AdamW weight decay of the scalar group (gains, scales, gates, skip weights)
+    aux_proj_group: str = "matrix"  # matrix (Muon) | scalar (AdamW, scalar_lr / scalar_wd): bigram and VE projections
+    clip_scope: str = "global"  # global: the averaged grads' norm | local: each rank clips its own before averaging
 
 
 @dataclass
@@ -289,6 +298,11 @@ ATTENTION_KERNELS = ("auto", "fa3", "cudnn", "flash", "efficient", "math")
 FIELD_CHOICES = {
     "model.attention": ATTENTION_KERNELS,
     "model.residual_dtype": ("float32", "bfloat16"),
+    "model.embed_param_dtype": ("float32", "bfloat16"),
+    "model.aux_proj_init": ("pgolf", "ortho", "ortho_scaled"),
+    "optim.aux_proj_group": ("matrix", "scalar"),
+    "optim.clip_scope": ("global", "local"),
+    "data.sampler": ("sequential", "coprime"),
     "train.compile_mode": COMPILE_MODES,
     "train.device": ("auto", "cpu", "cuda"),
     "quant.method": ("gptq", "rtn"),

@@ -2,9 +2,9 @@
 
 `baseline` is the challenge's naive baseline, `record` the stack of the FineWeb 1.1194 record (PR #549)
 as it was run, `tiny` a CPU configuration for tests and the demo. `proxy` shrinks an 8-GPU recipe to the
-one-GPU "h100-300s" protocol of shared/BENCHMARKS.md. `pr493`, `pr535`, `pr1062`, `pr1427` are public seed
-systems in the settings pgolf can express (each docstring says what differs from the PR); `pgolf recipes` lists
-them all.
+one-GPU "h100-300s" protocol of shared/BENCHMARKS.md. `pr493`, `pr535`, `pr1062`, `pr1427` and `pr1948` are
+the public seed systems in the settings pgolf can express (each docstring says what differs from the PR);
+`pgolf recipes` lists them all.
 """
 
 from pgolf.config import ConfigError, RunConfig, validate_config
@@ -113,23 +113,42 @@ def recipe_tiny() -> RunConfig:
 # scoring of the last sliding windows (pgolf scores each target once), calibration after the timer (pgolf's
 # GPTQ Hessians are a timed phase inside train.wallclock_s - train.calib_reserve_s). Attention stays `auto`
 # where a PR ran FA3: it is FA3 wherever flash_attn_interface imports, and the same math elsewhere.
+# The quantization pieces M3-M5 (quant.*) and the evaluation pieces M8-M9 (eval.*) of seed-systems.md are
+# being added by other work: each recipe's TODO(lead) lists the PR's settings for them, with the field names
+# that seed-systems.md proposes (check them against the merged code).
 NTK_ROPE_BASE_2048 = 22081.79  # 10000 * 2**(16/14): the base the #414-lineage Rotary(train_seq_len=1024) uses at 2048
+
+
+def seed_stack_fidelity(cfg: RunConfig, scalar_wd: float) -> None:
+    """What every #414-lineage seed (#493, #535, #1062) shares and pgolf does otherwise by default: bf16
+    master weights for the embedding tables, weight decay on the scalar AdamW group, position 0 alone (not
+    every BOS) as the smear gate's and BigramHash's document start."""
+    cfg.model.embed_param_dtype = "bfloat16"
+    cfg.model.bos_mask = False
+    cfg.optim.scalar_wd = scalar_wd
 
 
 def recipe_pr1062() -> RunConfig:
     """PR #1062: LeakyReLU(0.9)^2 + q gain 5.0 on the #1176 stack (record), legal part 1.1158 sliding / 1.1164 TTT.
 
-    On `record`: slope 0.9, q gain 5.0, XSA on all 11 layers, BigramHash 2816x112, the NTK-equivalent RoPE
-    base, a 10 s calibration reserve of 8 batches (the script's 6.29 M tokens), damping 0.02, clip search
-    without fit_k, lzma, TTT lr 0.002 without momentum, no QAT, seed 1337. Missing in pgolf: the Muon-style
-    TTT update with frozen first blocks, the coprime-stride shard sampler, TTT as the only scoring pass (the
-    sliding pass still runs), the percentile clip candidates, scalar-group weight decay, AdamW for the
-    auxiliary projections, RTN for tok_emb, the unmasked BOS in SmearGate/BigramHash, bf16 embedding masters,
-    the VE projection's orthogonal init, the 1/31 scale floor, per-rank grad clipping. SLOT, the PR's
-    headline 1.1001, is left out: it is illegal.
+    The PR's script is #1176's (records/track_10min_16mb/2026-03-31_QKGain4_XSA11_TTT_SLOT) with two
+    constants changed. On `record`: slope 0.9, q gain 5.0, XSA on all 11 layers, BigramHash 2816x112, the
+    NTK-equivalent RoPE base, #1176's coprime-stride multi-shard sampler (data.sampler), bf16 embedding
+    masters, scalar-group weight decay 0.04, no BOS mask in SmearGate/BigramHash, orthogonal bigram and VE
+    projections trained by the scalar AdamW (model.aux_proj_init, optim.aux_proj_group), grad clip 0.3 on each
+    rank's own grads (optim.clip_scope), a 10 s calibration reserve of 8 batches (the script's 6.29 M tokens,
+    all-reduced here where the script keeps each rank's 64 batches), damping 0.02, clip search without
+    fit_k, lzma, TTT lr 0.002 without momentum, no QAT, seed 1337. Missing in pgolf: the Muon-style TTT update
+    with frozen first blocks and TTT as the only scoring pass (the sliding pass still runs), the percentile
+    clip candidates, RTN for tok_emb, the 1/31 scale floor (all being added: the TODO(lead) below); bf16
+    Muon momentum buffers (pgolf keeps them fp32). Not built on purpose: SLOT, the PR's headline 1.1001 (it
+    fits on the targets before scoring them: illegal), the scripts' repeated scoring of the last sliding
+    windows (pgolf scores each target once).
     """
     cfg = recipe_record()
     cfg.recipe = "pr1062"
+    seed_stack_fidelity(cfg, scalar_wd=0.04)
+    cfg.data.sampler = "coprime"
     m = cfg.model
     m.mlp_slope = 0.9
     m.qk_gain_init = 5.0
@@ -137,6 +156,9 @@ def recipe_pr1062() -> RunConfig:
     m.bigram_buckets = 2816
     m.bigram_dim = 112
     m.rope_base = NTK_ROPE_BASE_2048
+    m.aux_proj_init = "ortho"
+    cfg.optim.aux_proj_group = "scalar"
+    cfg.optim.clip_scope = "local"
     t = cfg.train
     t.calib_reserve_s = 10.0
     t.qat_start_scale = 0.0
@@ -149,24 +171,37 @@ def recipe_pr1062() -> RunConfig:
     q.codec = "lzma"
     cfg.eval.ttt_lr = 0.002
     cfg.eval.ttt_momentum = 0.0
+    # TODO(lead): set quant.* / eval.* once merged (seed-systems.md M3-M5, M8-M9; P1176:1182-1360, 1461-1610):
+    #   quant.overrides="tok_emb.weight=rtn" (tok_emb int8 RTN, row quantile 0.9999984; bigram/VE tables RTN int8)
+    #   quant.scale_floor=inv_qmax (clamp_min(1/31))
+    #   quant.clip=pct_search quant.clip_quantiles="0.999,0.9995,0.9999,0.99999,1.0" quant.clip_select=matrix
+    #     quant.clip_metric=mse (per matrix, plain MSE of each candidate's full GPTQ result)
+    #   eval.sliding_stride=0 eval.ttt_stride=64 (TTT is the only scoring pass)
+    #   eval.ttt_mode=muon eval.ttt_ns_steps=5 eval.ttt_freeze_blocks=2 (NS5 on >=2-D grads, plain step on 1-D,
+    #     blocks.0/1 frozen; lr 0.002 cosine, 3 epochs, 32,768-token chunks, clip 1.0: already set)
     return cfg
 
 
 def recipe_pr535() -> RunConfig:
     """PR #535: 11L LeakyReLU(0.5)^2 + full GPTQ (record without TTT), 1.1204 sliding; calibration moved in-budget.
 
-    On `record`: BigramHash 2048, the NTK-equivalent RoPE base, QAT off (the PR's class-flag QAT was most
-    likely constant-folded by torch.compile, so off is what ran), GPTQ on one batch (786,432 tokens) inside a
-    3 s reserve, clip search without fit_k, zstd, no TTT, seed 7 (the PR ran 7, 314, 2024). The PR calibrated
-    after the 600 s timer, which closed it; pgolf's calibration is timed. Missing in pgolf: the per-row
-    percentile clips fixed before GPTQ, its ascending column order and raw-inverse update, the quantile STE,
-    scalar-group weight decay, RTN for tok_emb, the unmasked BOS, bf16 embedding masters, the 1/sqrt(2L)
-    projection init, the 1/31 scale floor.
+    The PR's script: records/track_10min_16mb/2026-03-23_11L_LeakyReLU_GPTQ_QATalign. On `record`: BigramHash
+    2048, the NTK-equivalent RoPE base, bf16 embedding masters, scalar-group weight decay 0.04, no BOS mask in
+    SmearGate/BigramHash, bigram and VE projections orthogonal x 1/sqrt(2L) (model.aux_proj_init), QAT off
+    (the PR's class-flag QAT was most likely constant-folded by torch.compile, so off is what ran), GPTQ on
+    one batch (786,432 tokens) inside a 3 s reserve, clip search without fit_k, zstd, no TTT, seed 7 (the PR
+    ran 7, 314, 2024). Not built on purpose: calibration after the 600 s timer, which closed the PR (pgolf's
+    calibration is a timed phase), and the repeated scoring of the last sliding windows. Missing in pgolf:
+    the per-row percentile clips fixed before GPTQ, RTN for tok_emb, the 1/31 scale floor (being added: the
+    TODO(lead) below); the ascending column order, raw-inverse GPTQ update and quantile(0.9995) STE (M14,
+    bit-fidelity only, not planned).
     """
     cfg = recipe_record()
     cfg.recipe = "pr535"
+    seed_stack_fidelity(cfg, scalar_wd=0.04)
     cfg.model.bigram_buckets = 2048
     cfg.model.rope_base = NTK_ROPE_BASE_2048
+    cfg.model.aux_proj_init = "ortho_scaled"
     t = cfg.train
     t.qat_start_scale = 0.0
     t.calib_reserve_s = 3.0
@@ -177,18 +212,25 @@ def recipe_pr535() -> RunConfig:
     q.fit_k = False
     q.codec = "zstd"
     cfg.eval.ttt = False
+    # TODO(lead): set quant.* once merged (seed-systems.md M3-M5; P535:950-1035):
+    #   quant.overrides="tok_emb.weight=rtn" (int8 RTN, row quantile 0.9999984)
+    #   quant.scale_floor=inv_qmax
+    #   quant.clip=pct_search quant.clip_quantiles="0.999,0.9995,0.9999,0.99999,1.0" quant.clip_select=row
+    #     quant.clip_metric=mse (per row, by RTN MSE, scales fixed before GPTQ)
     return cfg
 
 
 def recipe_pr1427() -> RunConfig:
     """PR #1427: 11L baseline + LeakyReLU(0.75)^2 + XSA4 + partial RoPE, GPTQ int6 + lzma, 1.2092 roundtrip.
 
-    On `baseline` (MLP 2x, as the PR's logged parameter count shows): 11 layers, slope 0.75, RoPE on 16 dims,
-    XSA on the last 4, a bf16 residual, GPTQ int6 with clip search and damping 0.02 on one training batch
-    inside a 3 s reserve, lzma, seed 1337; plain roundtrip scoring, no sliding pass. The PR generated 64
-    calibration sequences from the model after the timer (56.8 s): pgolf calibrates on training tokens inside
-    the budget instead. Missing in pgolf: that self-generated calibration, the per-matrix percentile clips,
-    RTN for tok_emb, the 1/31 scale floor, bf16 embedding masters.
+    The PR's script: records/track_10min_16mb/2026-04-06_LeakyReLU_XSA_PartialRoPE_FA3. On `baseline` (MLP 2x,
+    as the PR's logged parameter count shows): 11 layers, slope 0.75, RoPE on 16 dims, XSA on the last 4, a
+    bf16 residual and bf16 tok_emb master (the script's model is bf16), GPTQ int6 with clip search and damping
+    0.02 on one training batch inside a 3 s reserve, lzma, seed 1337; plain roundtrip scoring, no sliding
+    pass. Not built on purpose: the PR generated 64 calibration sequences from the model after the timer
+    (56.8 s); pgolf calibrates on training tokens inside the budget instead (M11, a self-generated source
+    inside the reserve, is not planned). Missing in pgolf: the per-matrix percentile clips, RTN for tok_emb,
+    the 1/31 scale floor (being added: the TODO(lead) below).
     """
     cfg = recipe_baseline()
     cfg.recipe = "pr1427"
@@ -198,6 +240,7 @@ def recipe_pr1427() -> RunConfig:
     m.rope_dims = 16
     m.xsa_last_n = 4
     m.residual_dtype = "bfloat16"
+    m.embed_param_dtype = "bfloat16"
     cfg.train.calib_reserve_s = 3.0
     cfg.train.seed = 1337
     q = cfg.quant
@@ -207,22 +250,32 @@ def recipe_pr1427() -> RunConfig:
     q.damp = 0.02
     q.calib_batches = 1
     q.codec = "lzma"
+    # TODO(lead): set quant.* once merged (seed-systems.md M3-M5; P1427:520-584):
+    #   quant.overrides="tok_emb.weight=rtn" (int8 RTN, row quantile 0.9999984)
+    #   quant.scale_floor=inv_qmax
+    #   quant.clip=pct_search quant.clip_quantiles="0.999,0.9995,0.9999,0.99999,1.0" quant.clip_select=matrix
+    #     quant.clip_metric=mse
     return cfg
 
 
 def recipe_pr493() -> RunConfig:
     """PR #493: 11L EMA + int6 RTN + XSA4 + LeakyReLU(0.5)^2 + partial RoPE + BigramHash, 1.1309 sliding.
 
-    On `record` with the run's README values (not the script's defaults): BigramHash 2048, no LN scale, no
-    value embeddings, SDPA flash attention, batch 524,288, warmdown 4,500, no QAT, int6 RTN with row-max
-    scales (clip none), fp16 for tensors up to 8,192 elements, zstd, no TTT, no calibration, seed 42 (the PR
-    ran 42, 1337, 2024). Missing in pgolf: fp16 storage by name (tok_emb and blocks.8.attn.c_k) and int6 for
-    the bigram tables, scalar-group weight decay, the unmasked BOS, bf16 embedding masters, the bigram
-    projection's 1/sqrt(2L) init, the 1/31 scale floor.
+    The PR's script: records/track_10min_16mb/2026-03-23_11L_EMA_Int6_XSA_LeakyReLU_PartialRoPE, run with its
+    README values (not the script's defaults): on `record`, BigramHash 2048, no LN scale, no value
+    embeddings, SDPA flash attention, batch 524,288, warmdown 4,500, bf16 embedding masters, scalar-group
+    weight decay 0.04, no BOS mask in SmearGate/BigramHash, the bigram projection orthogonal x 1/sqrt(2L)
+    (model.aux_proj_init), no QAT, int6 RTN with row-max scales (clip none), fp16 for tensors up to 8,192
+    elements, zstd, no TTT, no calibration, seed 42 (the PR ran 42, 1337, 2024). Not built on purpose: the
+    repeated scoring of the last sliding windows. Missing in pgolf: fp16 storage by name (tok_emb and
+    blocks.8.attn.c_k) and int6 for the bigram tables, the 1/31 scale floor (being added: the TODO(lead)
+    below).
     """
     cfg = recipe_record()
     cfg.recipe = "pr493"
+    seed_stack_fidelity(cfg, scalar_wd=0.04)
     m = cfg.model
+    m.aux_proj_init = "ortho_scaled"
     m.bigram_buckets = 2048
     m.ln_scale = False
     m.ve_last_n = 0
@@ -240,6 +293,9 @@ def recipe_pr493() -> RunConfig:
     q.passthrough_numel = 8192
     q.codec = "zstd"
     cfg.eval.ttt = False
+    # TODO(lead): set quant.* once merged (seed-systems.md M3-M4; P493:283-363):
+    #   quant.overrides="tok_emb.weight=fp16,blocks.8.attn.c_k.weight=fp16,bigram.*=bits6"
+    #   quant.scale_floor=inv_qmax (the PR's "scale clamping fix", clamp_min(1/31))
     return cfg
 
 
@@ -320,8 +376,47 @@ def recipe_frontier() -> RunConfig:
     return cfg
 
 
+def recipe_pr1948() -> RunConfig:
+    """PR #1948: LeakyReLU(0.3)^2 + reverse-Cholesky GPTQ on #1938's stack (`frontier` here), 1.06242 post-TTT.
+
+    The PR's script: records/track_10min_16mb/2026-04-29_ReLU-Slope_Reverse-Cholesky-GPTQ_SP8192_CaseOps_
+    PhasedTTT_PolarNS_FusedCE. On `frontier` (CaseOps SP8192, the same model and optimizer): slope 0.3, the
+    PR's warmdown fraction 0.75, bf16 embedding masters, grad clip 0.3 on each rank's own grads, the embedding
+    SDClip k 15.0, a 16 s calibration reserve (the PR's GPTQ_RESERVE_SECONDS), brotli (the PR's byte-shuffle +
+    brotli-11; pgolf's brotli tries the shuffle), seed 1334 (the PR ran 1334, 42, 999). The reverse-Cholesky
+    H^-1 factor, the PR's second change, is already pgolf's GPTQ (pgolf.quant.gptq). Not built on purpose:
+    serialization and compression outside the reserve (about 60-70 s of brotli by the PR's own text: pgolf
+    counts calibration inside the budget and its compression is not a training phase). Missing in pgolf:
+    per-role SDClip k (attention 13.0, MLP 12.0; pgolf fits one k to the cap as `frontier` does), LQER
+    (asymmetric rank 4, int4 factors, group 64, top-1 = tok_emb), int8 storage of the sparse gate, phased
+    per-document LoRA TTT (pgolf's sliding pass + stream TTT score instead), TTT as the only scoring pass,
+    the PR's minified code wrapper; the same as `frontier` otherwise (its docstring).
+    """
+    cfg = recipe_frontier()
+    cfg.recipe = "pr1948"
+    cfg.model.mlp_slope = 0.3
+    cfg.model.embed_param_dtype = "bfloat16"
+    cfg.optim.clip_scope = "local"
+    t = cfg.train
+    t.warmdown_frac = 0.75
+    t.calib_reserve_s = 16.0
+    t.seed = 1334
+    q = cfg.quant
+    q.sdclip_k_embed = 15.0
+    q.codec = "brotli"
+    # TODO(lead): set quant.* / eval.* once merged (seed-systems.md M3, M8; frontier.md §6, §8):
+    #   quant.overrides="blocks.*.attn.attn_gate_w=bits8,tok_emb.weight=bits7" (the gate int8 rows, no GPTQ)
+    #   eval.sliding_stride=0 eval.ttt_stride=64 (TTT is the only scoring pass)
+    #   not in M3-M9 (their own issue): per-role k quant.sdclip_k_attn=13.0 / sdclip_k_mlp=12.0 with
+    #   quant.fit_k=false; LQER rank 4 top-1; phased LoRA TTT (3 phases x 2,000 prefix docs, global SGD lr 0.001
+    #   momentum 0.9; LoRA rank 96 on K/MLP/O, alpha 144, warm-start A, Adam lr 1e-4 beta (0, 0.999) WD 1.0,
+    #   batch 16, chunk 48)
+    return cfg
+
+
 RECIPES = {"baseline": recipe_baseline, "record": recipe_record, "frontier": recipe_frontier, "tiny": recipe_tiny,
-           "pr493": recipe_pr493, "pr535": recipe_pr535, "pr1062": recipe_pr1062, "pr1427": recipe_pr1427}
+           "pr493": recipe_pr493, "pr535": recipe_pr535, "pr1062": recipe_pr1062, "pr1427": recipe_pr1427,
+           "pr1948": recipe_pr1948}
 
 
 def get_recipe(name: str) -> RunConfig:

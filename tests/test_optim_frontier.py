@@ -205,12 +205,14 @@ def test_lr_floor_in_every_schedule_and_off_by_default(cfg):
 
 def test_every_recipe_but_frontier_leaves_the_frontier_options_off():
     for name, make in RECIPES.items():
-        if name == "frontier":  # tests/test_frontier_recipe.py checks its settings
+        if name in ("frontier", "pr1948"):  # tests/test_frontier_recipe.py and test_recipes.py check them
             continue
         cfg = make()
         o, t, m = cfg.optim, cfg.train, cfg.model
         assert not (o.muon_row_normalize or o.muon_polar_express or m.fused_ce)
-        assert o.embed_wd < 0 and o.scalar_wd == 0.0 and t.min_lr == 0.0
+        # the seeds of the #414 lineage decay their scalars (0.04: shared/reference/seed-systems.md)
+        assert o.embed_wd < 0 and o.scalar_wd == (0.04 if name in ("pr493", "pr535", "pr1062") else 0.0)
+        assert t.min_lr == 0.0
 
 
 def test_export_env_names_follow_the_frontier_script():

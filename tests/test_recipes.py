@@ -14,7 +14,7 @@ from pgolf.recipes import RECIPES, get_recipe
 from pgolf.train.loop import train_run
 from tests.conftest import TOKENIZER_1024, write_wiki_shards
 
-SEED_RECIPES = {"pr493": 493, "pr535": 535, "pr1062": 1062, "pr1427": 1427}
+SEED_RECIPES = {"pr493": 493, "pr535": 535, "pr1062": 1062, "pr1427": 1427, "pr1948": 1948}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,12 @@ def shrunk(name: str, data, out):
     cfg = get_recipe(name)
     m, t, q, e = cfg.model, cfg.train, cfg.quant, cfg.eval
     m.xsa_last_n = 4 if m.xsa_last_n == m.num_layers else min(m.xsa_last_n, 2)
+    if m.recur_loops:  # layers 1..2 looped: virtual order 0 1 2 1 2 1 2 3, the lane block 3 the decoder's tail
+        m.recur_first, m.recur_last = 1, 2
+    if m.parallel_lanes_from >= 0:
+        m.parallel_lanes_from = 3
     m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads = 4, 64, 4, 2
+    m.vocab_size = 1024  # the sp1024 wiki shards (pr1948 trains on CaseOps SP8192: tests/test_frontier_recipe.py)
     m.rope_dims = min(m.rope_dims, 8)
     m.ve_last_n, m.ve_dim = min(m.ve_last_n, 1), 16
     if m.bigram_buckets:
@@ -74,6 +79,10 @@ def test_seed_recipes_cite_their_pr_and_say_what_differs():
         assert doc.splitlines()[0].startswith(f"PR #{pr}:"), name
         assert "Missing in pgolf:" in doc, name
     assert "SLOT" in RECIPES["pr1062"].__doc__  # left out on purpose: illegal
+    text = {name: " ".join(RECIPES[name].__doc__.split()) for name in SEED_RECIPES}
+    assert "after the 600 s timer" in text["pr535"] and "after the timer" in text["pr1427"]
+    for name in ("pr1062", "pr535", "pr493"):  # pgolf scores each target once
+        assert "repeated scoring of the last sliding windows" in text[name], name
 
 
 def test_seed_recipes_carry_the_pr_settings():
@@ -83,14 +92,28 @@ def test_seed_recipes_carry_the_pr_settings():
         "model.bigram_buckets": (1536, 2816), "model.bigram_dim": (128, 112), "model.rope_base": (10000.0, 22081.79),
         "train.qat_start_scale": (0.15, 0.0), "train.calib_reserve_s": (7.0, 10.0), "quant.clip": ("sdclip", "search"),
         "quant.fit_k": (True, False), "quant.damp": (0.01, 0.02), "quant.calib_batches": (32, 8),
-        "quant.codec": ("auto", "lzma"), "eval.ttt_lr": (0.005, 0.002), "eval.ttt_momentum": (0.9, 0.0)}
+        "quant.codec": ("auto", "lzma"), "eval.ttt_lr": (0.005, 0.002), "eval.ttt_momentum": (0.9, 0.0),
+        "data.sampler": ("sequential", "coprime"), "model.embed_param_dtype": ("float32", "bfloat16"),
+        "model.bos_mask": (True, False), "model.aux_proj_init": ("pgolf", "ortho"),
+        "optim.aux_proj_group": ("matrix", "scalar"), "optim.clip_scope": ("global", "local"),
+        "optim.scalar_wd": (0.0, 0.04)}
     pr535, pr493 = get_recipe("pr535"), get_recipe("pr493")
     assert not pr535.eval.ttt and pr535.quant.codec == "zstd" and pr535.train.seed == 7
     assert pr493.quant.method == "rtn" and pr493.quant.clip == "none" and pr493.train.batch_tokens == 524_288
     assert pr493.model.ve_last_n == 0 and not pr493.model.ln_scale and pr493.train.warmdown_iters == 4500
+    for cfg in (pr535, pr493):  # the #414 lineage: bf16 tables, scalar WD, no BOS mask, scaled .proj init
+        m = cfg.model
+        assert (m.embed_param_dtype, m.bos_mask, m.aux_proj_init) == ("bfloat16", False, "ortho_scaled")
+        assert cfg.optim.scalar_wd == 0.04 and cfg.data.sampler == "sequential"
+    assert dict((key, (ref, value)) for key, ref, value in recipe_differences("pr1948", "frontier")) == {
+        "model.mlp_slope": (0.5, 0.3), "model.embed_param_dtype": ("float32", "bfloat16"),
+        "optim.clip_scope": ("global", "local"), "train.warmdown_frac": (0.85, 0.75),
+        "train.calib_reserve_s": (5.0, 16.0), "train.seed": (1337, 1334), "quant.sdclip_k_embed": (14.0, 15.0),
+        "quant.codec": ("auto", "brotli")}
     assert dict((key, (ref, value)) for key, ref, value in recipe_differences("pr1427", "baseline")) == {
         "model.num_layers": (9, 11), "model.mlp_slope": (0.0, 0.75), "model.rope_dims": (0, 16),
         "model.xsa_last_n": (0, 4), "model.residual_dtype": ("float32", "bfloat16"),
+        "model.embed_param_dtype": ("float32", "bfloat16"),
         "train.calib_reserve_s": (0.0, 3.0), "quant.method": ("rtn", "gptq"), "quant.matrix_bits": (8, 6),
         "quant.clip": ("percentile", "search"), "quant.damp": (0.01, 0.02), "quant.calib_batches": (32, 1),
         "quant.codec": ("zlib", "lzma")}

@@ -152,9 +152,10 @@ class GPT(nn.Module):
         head_dim = dim // cfg.num_heads
         kv_dim = cfg.num_kv_heads * head_dim
         self.tok_emb = nn.Embedding(cfg.vocab_size, dim)
-        self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, dim) if cfg.bigram_buckets > 0 else None
-        self.smear = SmearGate(dim) if cfg.smear_gate else None
-        self.smear_v2 = SmearGateV2(cfg.gate_window) if cfg.smear_gate_v2 else None
+        self.bigram = (BigramHash(cfg.bigram_buckets, cfg.bigram_dim, dim, cfg.bos_mask)
+                       if cfg.bigram_buckets > 0 else None)
+        self.smear = SmearGate(dim, cfg.bos_mask) if cfg.smear_gate else None
+        self.smear_v2 = SmearGateV2(cfg.gate_window, cfg.bos_mask) if cfg.smear_gate_v2 else None
         check_lane_layers(cfg)
         self.input_norm = RMSNorm()
         self.value_embed = ValueEmbedding(cfg.vocab_size, cfg.ve_dim, kv_dim) if cfg.ve_last_n > 0 else None
@@ -172,6 +173,9 @@ class GPT(nn.Module):
         self.head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size)
         self.fused_ce = False  # the training loss through pgolf.model.fused_ce (set_training_kernels)
         self.init_weights()
+        if cfg.embed_param_dtype != "float32":  # model.embed_param_dtype: the seeds' bf16 master tables
+            for table in self.embedding_tables():
+                table.to(getattr(torch, cfg.embed_param_dtype))
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -191,11 +195,11 @@ class GPT(nn.Module):
             block.resid_mix[1].fill_(0.0)
         if self.bigram is not None:
             nn.init.zeros_(self.bigram.embed.weight)
-            self.init_matrix(self.bigram.proj)
+            self.init_aux_projection(self.bigram.proj, is_bigram=True)
             self.bigram.scale.fill_(0.05)
         if self.value_embed is not None:
             nn.init.normal_(self.value_embed.embed.weight, std=0.01)
-            nn.init.zeros_(self.value_embed.proj.weight)
+            self.init_aux_projection(self.value_embed.proj, is_bigram=False)
             self.value_embed.scale.fill_(0.1)
             self.ve_layer_scales.fill_(1.0)
         if self.smear is not None:
@@ -219,6 +223,34 @@ class GPT(nn.Module):
         if block.lanes:
             block.lane_resid.fill_(1.1)
             block.lane_post.fill_(1.0)
+
+    @torch.no_grad()
+    def init_aux_projection(self, proj: nn.Linear, is_bigram: bool) -> None:
+        """A bigram or VE projection by model.aux_proj_init: `pgolf` gives the bigram projection the block
+        matrices' init and zeroes the VE projection; `ortho` makes both orthogonal (#1176), `ortho_scaled`
+        orthogonal times 1/sqrt(2 * num_layers) (#535, #493, whose init scales every name ending ".proj")."""
+        mode = self.cfg.aux_proj_init
+        if mode == "pgolf":
+            if is_bigram:
+                self.init_matrix(proj)
+            else:
+                nn.init.zeros_(proj.weight)
+            return
+        nn.init.orthogonal_(proj.weight)
+        if mode == "ortho_scaled":
+            proj.weight.mul_(1.0 / math.sqrt(2 * self.cfg.num_layers))
+
+    def features(self) -> list[nn.Module]:
+        """The BigramHash and value-embedding modules that are on."""
+        return [f for f in (self.bigram, self.value_embed) if f is not None]
+
+    def embedding_tables(self) -> list[nn.Embedding]:
+        """The token, bigram and value-embedding tables (model.embed_param_dtype sets their dtype)."""
+        return [self.tok_emb] + [f.embed for f in self.features()]
+
+    def aux_projection_weights(self) -> list[nn.Parameter]:
+        """The bigram and VE projections: Muon's by default, the scalar AdamW's with optim.aux_proj_group=scalar."""
+        return [f.proj.weight for f in self.features()]
 
     def init_matrix(self, lin: nn.Linear) -> None:
         if self.cfg.ortho_init:
@@ -268,7 +300,8 @@ class GPT(nn.Module):
         The residual stream keeps that dtype through the blocks (their scales and mixes are cast to it). With
         float32 (the default) every elementwise pass over it moves 4 bytes a value; bfloat16 halves that, as
         the challenge's scripts do (their model is cast to bf16, the matrices kept fp32), at bf16 precision
-        for the stream and its gradient. The parameters stay float32 either way."""
+        for the stream and its gradient. The parameters stay float32 either way, but for the embedding tables
+        with model.embed_param_dtype=bfloat16 (the seeds' bf16 masters: their lookups are then bf16 too)."""
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids).to(x.dtype)

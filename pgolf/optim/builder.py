@@ -9,14 +9,19 @@
 | `head`   | AdamW     | `head_lr`                                            | `adam_wd`    |
 | `scalar` | AdamW     | `scalar_lr`                                          | `scalar_wd`  |
 
+With `aux_proj_group=scalar` the bigram and VE projections (`model.aux_projection_weights()`) move from
+`matrix` to `scalar`, as #1176 trains them.
+
 By default scalars (gains, scales, gates, skip weights) get no weight decay (`scalar_wd` 0): most start at 1
 or at a tuned value, and decay pulls them toward 0; the seeds and the frontier record decay them a little
 (0.02-0.04), and the record gives the embedding its own 0.085 (`embed_wd`). Muon takes
 `muon_row_normalize` (MuonEq-R) and `muon_polar_express` (pgolf.optim.muon).
 
 There is no DDP wrapper. `OptimizerSet.step` averages the gradients itself: AdamW's by coalesced async
-all-reduces, Muon's by the reduce-scatter of its sharded step. Clipping uses the global norm of the averaged
-gradients, exact across ranks. On one process (or without an initialised process group) no collective runs.
+all-reduces, Muon's by the reduce-scatter of its sharded step. Clipping (`clip_scope=global`) uses the global
+norm of the averaged gradients, exact across ranks; `clip_scope=local` clips each rank's own gradients by
+their own norm before anything is averaged, as #1176 does (the same thing on one process). On one process (or
+without an initialised process group) no collective runs.
 """
 
 import torch
@@ -59,7 +64,10 @@ class OptimizerSet:
     """Muon + AdamW with one step, one zero_grad, one lr scale and one flat state dict."""
 
     def __init__(self, muon: Muon | None, adamw: torch.optim.AdamW | None, param_names: dict[int, str],
-                 world_size: int):
+                 world_size: int, clip_scope: str = "global"):
+        if clip_scope not in ("global", "local"):
+            raise UserError(f"optim.clip_scope={clip_scope!r} is not one of global|local")
+        self.clip_scope = clip_scope
         self.muon = muon
         self.adamw = adamw
         self.param_names = param_names
@@ -80,9 +88,27 @@ class OptimizerSet:
             return []
         return [p for g in self.adamw.param_groups for p in g["params"]]
 
+    def all_params(self) -> list[torch.nn.Parameter]:
+        muon = [p for g in self.muon.param_groups for p in g["params"]] if self.muon is not None else []
+        return muon + self.adam_params()
+
+    @torch.no_grad()
+    def clip_local_grads(self, grad_clip: float) -> None:
+        """optim.clip_scope=local: scale this rank's own grads to norm <= grad_clip before any averaging."""
+        grads = [p.grad for p in self.all_params() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.stack(torch._foreach_norm([g.float() for g in grads])).square().sum().sqrt()
+        self.last_grad_norm = norm
+        torch._foreach_mul_(grads, (grad_clip / (norm + 1e-6)).clamp(max=1.0))
+
     @torch.no_grad()
     def step(self, grad_clip: float = 0.0) -> None:
-        """Average grads across ranks, clip to the global norm (0 = off), step AdamW and Muon."""
+        """Average grads across ranks, clip (0 = off; to the global norm, or each rank's own first with
+        clip_scope=local), step AdamW and Muon."""
+        if grad_clip > 0 and self.clip_scope == "local":
+            self.clip_local_grads(grad_clip)
+            grad_clip = 0.0
         if self.muon is not None:
             self.muon.launch_reduce_scatter()
         adam_grads = [p.grad for p in self.adam_params() if p.grad is not None]
@@ -204,7 +230,7 @@ class OptimizerSet:
 
 def build_optimizers(model, cfg: OptimConfig, rank: int = 0, world_size: int = 1) -> OptimizerSet:
     """Muon over the `matrix` group, one AdamW over `embed` / `head` / `scalar` (see the module docstring)."""
-    groups = model.param_groups()
+    groups = regroup_aux_projections(model, model.param_groups(), cfg.aux_proj_group)
     check_param_groups(model, groups)
     names = {id(p): n for n, p in model.named_parameters()}
     tied = bool(model.cfg.tie_embeddings)
@@ -227,7 +253,24 @@ def build_optimizers(model, cfg: OptimConfig, rank: int = 0, world_size: int = 1
         on_cuda = all(p.is_cuda for g in adam_groups for p in g["params"])
         adamw = torch.optim.AdamW(adam_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                   fused=True if on_cuda else None)
-    return OptimizerSet(muon, adamw, names, world_size)
+    return OptimizerSet(muon, adamw, names, world_size, clip_scope=cfg.clip_scope)
+
+
+def regroup_aux_projections(model, groups: dict, where: str) -> dict:
+    """optim.aux_proj_group: the model's auxiliary projections (aux_projection_weights) stay in `matrix`
+    (Muon) or move to `scalar` (AdamW at scalar_lr / scalar_wd)."""
+    if where == "matrix":
+        return groups
+    if where != "scalar":
+        raise UserError(f"optim.aux_proj_group={where!r} is not one of matrix|scalar")
+    aux = model.aux_projection_weights() if hasattr(model, "aux_projection_weights") else None
+    if aux is None:
+        raise UserError(f"optim.aux_proj_group=scalar: {type(model).__name__} names no auxiliary projections")
+    ids = {id(p) for p in aux}
+    out = dict(groups)
+    out["matrix"] = [p for p in groups.get("matrix", []) if id(p) not in ids]
+    out["scalar"] = list(groups.get("scalar", [])) + list(aux)
+    return out
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pgolf.config import RunConfig, config_hash, validate_config
-from pgolf.data.loader import TrainTokenStream
+from pgolf.data.loader import train_token_stream
 from pgolf.data.manifest import check_data_manifest
 from pgolf.data.shards import FILE_AUDIT, list_shards
 from pgolf.data.tokenizer import resolve_tokenizer_path
@@ -265,9 +265,10 @@ def open_run(cfg: RunConfig, resume: str | None, denv: DistEnv, timer: PhaseTime
                     train_files, val_files, tokenizer_path)
 
 
-def train_stream(setup: RunSetup) -> TrainTokenStream:
-    return TrainTokenStream(setup.train_files, setup.denv.rank, setup.denv.world_size,
-                            vocab_size=setup.cfg.model.vocab_size)
+def train_stream(setup: RunSetup):
+    """The training token stream of data.sampler (sequential or coprime)."""
+    return train_token_stream(setup.cfg.data.sampler, setup.train_files, setup.denv.rank, setup.denv.world_size,
+                              setup.cfg.model.vocab_size)
 
 
 def build_trainer(setup: RunSetup) -> Trainer:
