@@ -20,11 +20,13 @@ from pgolf.errors import UserError
 from pgolf.fileio import atomic_write_bytes
 from pgolf.quant.codecs import AUTO_CODECS, codec_candidates, compress_best, compress_with, decompress_with
 from pgolf.quant.formats import dequantize_rows
+from pgolf.quant.lqer import lqer_correction
 from pgolf.quant.pack import pack_bits, unpack_bits
 from pgolf.tensorfile import TENSORFILE_DTYPES, tensor_from_bytes, tensor_to_bytes
 
 ARTIFACT_MAGIC = b"PGQUANT\x00"
-ARTIFACT_VERSION = 2  # 2: sections over 4 MiB are stored in length-framed chunks
+ARTIFACT_VERSION = 3  # 2: sections over 4 MiB are stored in length-framed chunks; 3: LQER factors, role sections
+READABLE_VERSIONS = (2, 3)  # a version-2 file is a version-3 file without those
 ARTIFACT_PREFIX = struct.Struct("<8sIII")  # magic, version, header length, header CRC32
 # Filters tried per section layout (each with every codec of the candidate list). Bit-packed b-bit values
 # repeat every b bytes, hence shuf<b>; on int6 GPTQ-like values bitplane measured worse than none.
@@ -40,7 +42,7 @@ SAMPLE_CLOSE = 1.01
 class QuantTensor:
     """One state-dict entry as stored: integer values + fp16 row scales, or a passthrough tensor."""
 
-    kind: str  # matrix | embed | passthrough
+    kind: str  # matrix | embed | gate | passthrough
     shape: tuple
     dtype: str  # the original dtype name ("float32", ...), restored on read
     bits: int = 0
@@ -48,12 +50,17 @@ class QuantTensor:
     scale: torch.Tensor | None = None  # fp16 (R,)
     data: torch.Tensor | None = None  # passthrough: fp16 for floats, else the tensor itself
     info: dict = field(default_factory=dict)
+    lqer: dict | None = None  # LQER factors (pgolf.quant.lqer): qa, sa, qb, sb, a_bits, b_bits
+    group: str = ""  # compression group (the policy's), used when sections are grouped by role
 
     def dequantize(self) -> torch.Tensor:
         dtype = TENSORFILE_DTYPES[self.dtype]
         if self.kind == "passthrough":
             return self.data.to(dtype).reshape(self.shape)
-        return dequantize_rows(self.q, self.scale).to(dtype).reshape(self.shape)
+        w = dequantize_rows(self.q.cpu(), self.scale.cpu())
+        if self.lqer is not None:
+            w = w + lqer_correction(self.lqer)
+        return w.to(dtype).reshape(self.shape)
 
 
 @dataclass
@@ -65,17 +72,30 @@ class QuantizedModel:
         return {name: t.dequantize() for name, t in self.tensors.items()}
 
 
+def int_section(t: QuantTensor, group_by: str) -> str:
+    """The section of a tensor's integer values: "q<bits>", or "q<bits>.<group>" when grouped by role."""
+    return f"q{t.bits}.{t.group}" if group_by == "role" and t.group else f"q{t.bits}"
+
+
+def section_bits(section: str) -> int:
+    return int(section.split(".")[0][1:])
+
+
 def section_streams(qm: QuantizedModel):
     """Build the uncompressed section payloads and the tensor table (offsets into the payloads)."""
     parts: dict[str, list[bytes]] = {}
     sizes: dict[str, int] = {}
     table = []
+    group_by = qm.meta.get("group_by", "bits")
 
     def put(section: str, blob: bytes) -> list[int]:
         parts.setdefault(section, []).append(blob)
         start = sizes.get(section, 0)
         sizes[section] = start + len(blob)
         return [start, len(blob)]
+
+    def put_int8(section: str, t: torch.Tensor) -> list:
+        return [section, *put(section, t.detach().cpu().contiguous().numpy().tobytes())]
 
     for name, t in qm.tensors.items():
         entry = {"name": name, "kind": t.kind, "shape": list(t.shape), "dtype": t.dtype, "bits": t.bits}
@@ -85,8 +105,15 @@ def section_streams(qm: QuantizedModel):
             entry["stored"] = str(stored.dtype).removeprefix("torch.")
             entry["data"] = [section, *put(section, tensor_to_bytes(stored))]
         else:
-            entry["q"] = [f"q{t.bits}", *put(f"q{t.bits}", t.q.detach().cpu().contiguous().numpy().tobytes())]
+            entry["q"] = put_int8(int_section(t, group_by), t.q)
             entry["scale"] = ["scales", *put("scales", tensor_to_bytes(t.scale.to(torch.float16)))]
+        if t.lqer is not None:
+            lq = t.lqer
+            entry["lqer"] = {"a_bits": lq["a_bits"], "b_bits": lq["b_bits"], "a_shape": list(lq["qa"].shape),
+                             "b_shape": list(lq["qb"].shape), "qa": put_int8("lqer", lq["qa"]),
+                             "qb": put_int8("lqer", lq["qb"]),
+                             "sa": ["scales", *put("scales", tensor_to_bytes(lq["sa"].to(torch.float16)))],
+                             "sb": ["scales", *put("scales", tensor_to_bytes(lq["sb"].to(torch.float16)))]}
         table.append(entry)
     return {s: b"".join(p) for s, p in parts.items()}, table
 
@@ -95,7 +122,7 @@ def section_layouts(section: str, raw: bytes) -> dict[str, bytes]:
     """The byte layouts a section may be stored in: integer sections raw int8 or bit-packed."""
     if not section.startswith("q"):
         return {"fp16" if section in ("fp16", "scales") else "raw": raw}
-    bits = int(section[1:])
+    bits = section_bits(section)
     if bits == 8:
         return {"int8": raw}  # 8-bit packing is the int8 layout itself
     return {"int8": raw, f"packed{bits}": pack_bits(np.frombuffer(raw, dtype=np.int8), bits)}
@@ -182,8 +209,9 @@ def decode_container(data: bytes) -> tuple[dict, dict[str, bytes]]:
     magic, version, header_len, header_crc = ARTIFACT_PREFIX.unpack_from(data)
     if magic != ARTIFACT_MAGIC:
         raise UserError("not a pgolf quantized artifact (bad magic)")
-    if version != ARTIFACT_VERSION:
-        raise UserError(f"artifact version {version} is not supported (this reader knows {ARTIFACT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise UserError(f"artifact version {version} is not supported (this reader knows "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}): re-quantize the run with this pgolf")
     start = ARTIFACT_PREFIX.size
     header_bytes = data[start:start + header_len]
     if len(header_bytes) != header_len:
@@ -202,11 +230,27 @@ def decode_container(data: bytes) -> tuple[dict, dict[str, bytes]]:
             raise UserError(f"section {s['name']!r} checksum mismatch (corrupted)")
         raw = decompress_with(s["method"], blob, s["raw_len"])
         if s["layout"].startswith("packed"):
-            raw = unpack_bits(raw, int(s["name"][1:]), s["values"]).tobytes()
+            raw = unpack_bits(raw, section_bits(s["name"]), s["values"]).tobytes()
         if len(raw) != s["values"]:
             raise UserError(f"section {s['name']!r} decodes to {len(raw)} bytes, expected {s['values']}")
         streams[s["name"]] = raw
     return header, streams
+
+
+def int8_from_ref(ref: list, streams: dict[str, bytes], shape) -> torch.Tensor:
+    section, off, n = ref
+    return torch.from_numpy(np.frombuffer(streams[section][off:off + n], dtype=np.int8).copy()).reshape(shape)
+
+
+def fp16_from_ref(ref: list, streams: dict[str, bytes], count: int) -> torch.Tensor:
+    section, off, n = ref
+    return tensor_from_bytes(streams[section][off:off + n], "float16", [count])
+
+
+def lqer_from_entry(e: dict, streams: dict[str, bytes]) -> dict:
+    qa, qb = int8_from_ref(e["qa"], streams, e["a_shape"]), int8_from_ref(e["qb"], streams, e["b_shape"])
+    return {"qa": qa, "qb": qb, "sa": fp16_from_ref(e["sa"], streams, e["sa"][2] // 2),
+            "sb": fp16_from_ref(e["sb"], streams, e["sb"][2] // 2), "a_bits": e["a_bits"], "b_bits": e["b_bits"]}
 
 
 def tensor_from_entry(entry: dict, streams: dict[str, bytes]) -> QuantTensor:
@@ -215,11 +259,11 @@ def tensor_from_entry(entry: dict, streams: dict[str, bytes]) -> QuantTensor:
         section, off, n = entry["data"]
         t.data = tensor_from_bytes(streams[section][off:off + n], entry["stored"], entry["shape"])
         return t
-    section, off, n = entry["q"]
     rows = entry["shape"][0]
-    t.q = torch.from_numpy(np.frombuffer(streams[section][off:off + n], dtype=np.int8).copy()).reshape(rows, -1)
-    section, off, n = entry["scale"]
-    t.scale = tensor_from_bytes(streams[section][off:off + n], "float16", [rows])
+    t.q = int8_from_ref(entry["q"], streams, (rows, -1))
+    t.scale = fp16_from_ref(entry["scale"], streams, rows)
+    if "lqer" in entry:
+        t.lqer = lqer_from_entry(entry["lqer"], streams)
     return t
 
 
@@ -254,6 +298,8 @@ def inspect_artifact(path) -> list[dict]:
     rows = []
     for e in header["tensors"]:
         refs = [e["data"]] if e["kind"] == "passthrough" else [e["q"], e["scale"]]
+        if "lqer" in e:
+            refs += [e["lqer"][k] for k in ("qa", "qb", "sa", "sb")]
         methods = sorted({f"{sections[r[0]]['layout']}/{sections[r[0]]['method']}" for r in refs})
         rows.append({"name": e["name"], "shape": e["shape"], "kind": e["kind"], "bits": e["bits"],
                      "bytes": round(sum(share(r) for r in refs)), "codec": ", ".join(methods)})
