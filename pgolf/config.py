@@ -478,6 +478,8 @@ def config_relations(cfg: RunConfig) -> list[tuple[bool, str]]:
         (e.sliding_stride <= eval_seq,
          f"eval.sliding_stride={e.sliding_stride} exceeds the evaluation's sequence length {eval_seq}"),
         (not q.fit_k or q.clip == "sdclip", f"quant.fit_k needs quant.clip=sdclip, not {q.clip!r}"),
+        (t.qat_start_scale == 0 or q.clip == "sdclip",
+         f"train.qat_start_scale > 0 needs quant.clip=sdclip (the fake quantizer's clip), not {q.clip!r}"),
         (q.gate_bits == 0 or q.gate_bits >= 2, f"quant.gate_bits={q.gate_bits} must be 0 (fp16) or 2..8"),
         (quantiles_ok(q.clip_quantiles),
          f"quant.clip_quantiles={q.clip_quantiles!r} must be comma-separated quantiles in (0, 1]"),
