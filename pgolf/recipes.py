@@ -316,6 +316,7 @@ def recipe_frontier() -> RunConfig:
     q.sdclip_k_embed = 14.0
     q.gate_bits = 8
     q.lqer_top_k, q.lqer_rank, q.lqer_a_bits, q.lqer_b_bits, q.lqer_group = 3, 4, 2, 4, 64
+    q.group_by = "role"
     q.calib_batches = 16
     q.fit_k = True
     e = cfg.eval

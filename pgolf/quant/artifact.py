@@ -20,6 +20,7 @@ from pgolf.errors import UserError
 from pgolf.fileio import atomic_write_bytes
 from pgolf.quant.codecs import AUTO_CODECS, codec_candidates, compress_best, compress_with, decompress_with
 from pgolf.quant.formats import dequantize_rows
+from pgolf.quant.grouping import ORDER_PROBE, orders_for, perm_bytes, reorder, restore
 from pgolf.quant.lqer import lqer_correction
 from pgolf.quant.pack import pack_bits, unpack_bits
 from pgolf.tensorfile import TENSORFILE_DTYPES, tensor_from_bytes, tensor_to_bytes
@@ -118,14 +119,47 @@ def section_streams(qm: QuantizedModel):
     return {s: b"".join(p) for s, p in parts.items()}, table
 
 
-def section_layouts(section: str, raw: bytes) -> dict[str, bytes]:
-    """The byte layouts a section may be stored in: integer sections raw int8 or bit-packed."""
+def section_layouts(section: str, raw: bytes, shapes=None, orders=("",)) -> dict[str, bytes]:
+    """The byte layouts a section may be stored in: integer sections raw int8 or bit-packed, each in every
+    byte order of `orders` (pgolf.quant.grouping; layout "packed6.ST" = similar rows first, column-major,
+    packed). `shapes` ((rows, cols) per tensor, in stream order) is needed for any order but ""."""
     if not section.startswith("q"):
         return {"fp16" if section in ("fp16", "scales") else "raw": raw}
     bits = section_bits(section)
-    if bits == 8:
-        return {"int8": raw}  # 8-bit packing is the int8 layout itself
-    return {"int8": raw, f"packed{bits}": pack_bits(np.frombuffer(raw, dtype=np.int8), bits)}
+    out = {}
+    for order in orders:
+        data = reorder(raw, shapes, order)
+        head = perm_bytes(shapes, order) if order else 0
+        suffix = f".{order}" if order else ""
+        out[f"int8{suffix}"] = data
+        if bits < 8:  # 8-bit packing is the int8 layout itself
+            out[f"packed{bits}{suffix}"] = data[:head] + pack_bits(np.frombuffer(data[head:], dtype=np.int8), bits)
+    return out
+
+
+def layout_order(layout: str) -> str:
+    return layout.partition(".")[2]
+
+
+def section_shapes(table: list[dict]) -> dict[str, list[tuple[int, int]]]:
+    """{role section: (rows, cols) of each tensor's values, in stream order}, from the tensor table."""
+    out: dict[str, list] = {}
+    for e in sorted((e for e in table if "q" in e and "." in e["q"][0]), key=lambda e: e["q"][1]):
+        rows = e["shape"][0]
+        out.setdefault(e["q"][0], []).append((rows, e["q"][2] // max(rows, 1)))
+    return out
+
+
+def best_order(section: str, raw: bytes, shapes) -> str:
+    """The byte order with the fewest bytes under the cheap probe codec, on a sample of each."""
+    orders = orders_for(shapes)
+    if len(orders) == 1:
+        return orders[0]
+    sizes = {}
+    for order in orders:
+        data = reorder(raw, shapes, order)
+        sizes[order] = len(compress_with(ORDER_PROBE, sample_of(data) if len(data) > SAMPLE_ABOVE_BYTES else data))
+    return min(orders, key=sizes.__getitem__)
 
 
 def sample_of(data: bytes) -> bytes:
@@ -134,11 +168,14 @@ def sample_of(data: bytes) -> bytes:
     return b"".join(data[i * (n - piece) // 3: i * (n - piece) // 3 + piece] for i in range(4))
 
 
-def choose_section(section: str, raw: bytes, codecs) -> dict:
-    """Pick the layout and method with the fewest compressed bytes; returns the section record with its blob."""
+def choose_section(section: str, raw: bytes, codecs, shapes=None) -> dict:
+    """Pick the layout and method with the fewest compressed bytes; returns the section record with its blob.
+
+    A role section (shapes given) first picks its byte order by a cheap probe, then searches as any other."""
     options = []
-    for layout, data in section_layouts(section, raw).items():
-        options += [(layout, data, f"{c}+{f}") for c in codecs for f in SECTION_FILTERS[layout]]
+    orders = (best_order(section, raw, shapes),) if shapes else ("",)
+    for layout, data in section_layouts(section, raw, shapes, orders).items():
+        options += [(layout, data, f"{c}+{f}") for c in codecs for f in SECTION_FILTERS[layout.partition(".")[0]]]
     if len(raw) > SAMPLE_ABOVE_BYTES and len(options) > 1:
         sizes = [len(compress_with(o[2], sample_of(o[1]))) for o in options]
         ranked = sorted(range(len(options)), key=sizes.__getitem__)
@@ -161,15 +198,16 @@ def encode_artifact(qm: QuantizedModel, codecs=AUTO_CODECS, plan: dict | None = 
     runnable, _ = codec_candidates([f"{c}+none" for c in codecs])
     codecs = [m.split("+")[0] for m in runnable]
     streams, table = section_streams(qm)
+    shapes = section_shapes(table)
     sections, offset = [], 0
     for name, raw in streams.items():
         if plan and name in plan:
             layout, method = plan[name]
-            data = section_layouts(name, raw)[layout]
+            data = section_layouts(name, raw, shapes.get(name), (layout_order(layout),))[layout]
             rec = {"layout": layout, "method": method, "raw_len": len(data), "values": len(raw),
                    "blob": compress_with(method, data)}
         else:
-            rec = choose_section(name, raw, codecs)
+            rec = choose_section(name, raw, codecs, shapes.get(name))
         rec.update(name=name, offset=offset, length=len(rec["blob"]), crc32=zlib.crc32(rec["blob"]))
         offset += rec["length"]
         sections.append(rec)
@@ -223,14 +261,18 @@ def decode_container(data: bytes) -> tuple[dict, dict[str, bytes]]:
     expected = base + sum(s["length"] for s in header["sections"])
     if len(data) != expected:
         raise UserError(f"size {len(data)} bytes, expected {expected} (truncated or extended)")
-    streams = {}
+    streams, shapes = {}, section_shapes(header["tensors"])
     for s in header["sections"]:
         blob = data[base + s["offset"]: base + s["offset"] + s["length"]]
         if zlib.crc32(blob) != s["crc32"]:
             raise UserError(f"section {s['name']!r} checksum mismatch (corrupted)")
         raw = decompress_with(s["method"], blob, s["raw_len"])
+        order = layout_order(s["layout"])
+        head = perm_bytes(shapes.get(s["name"], []), order) if order else 0
         if s["layout"].startswith("packed"):
-            raw = unpack_bits(raw, section_bits(s["name"]), s["values"]).tobytes()
+            raw = raw[:head] + unpack_bits(raw[head:], section_bits(s["name"]), s["values"]).tobytes()
+        if order:
+            raw = restore(raw, shapes[s["name"]], order)
         if len(raw) != s["values"]:
             raise UserError(f"section {s['name']!r} decodes to {len(raw)} bytes, expected {s['values']}")
         streams[s["name"]] = raw

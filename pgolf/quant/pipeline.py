@@ -133,7 +133,8 @@ def fit_sections_ratio(qm: QuantizedModel, cfg, codecs) -> dict:
             compressed += rec["ratio"] * rec["entropy"]
             ideal += rec["entropy"]
             plan[name] = (rec["layout"], rec["method"])
-    return {"ratio": compressed / max(ideal, 1.0), "plan": plan}
+    # role sections choose their byte order on the full stream at export, so they take no plan from a sample
+    return {"ratio": compressed / max(ideal, 1.0), "plan": plan if cfg.group_by == "bits" else None}
 
 
 def search_matrix_k(state: dict[str, torch.Tensor], cfg, budget: int, codecs, ratio: float | None = None) -> dict:
