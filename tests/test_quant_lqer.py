@@ -107,3 +107,38 @@ def test_lqer_correction_is_a_plain_product():
     parts = {"qa": torch.tensor([[1], [-2]], dtype=torch.int8), "sa": torch.tensor([0.5], dtype=torch.float16),
              "qb": torch.tensor([[3, -1]], dtype=torch.int8), "sb": torch.tensor([0.25], dtype=torch.float16)}
     assert torch.equal(lqer_correction(parts), torch.tensor([[0.375, -0.125], [-0.75, 0.25]]))
+
+
+def test_pgolf_quant_explain_lists_every_tensor_with_its_rule_bytes_and_error(tiny_layerwise, tmp_path, capsys):
+    import argparse
+    import json
+
+    from pgolf.config import config_to_dict
+    from pgolf.quant.commands import add_quant_commands
+    from pgolf.tensorfile import write_tensors
+
+    state, hs, qcfg = tiny_layerwise
+    run = tmp_path / "run"
+    run.mkdir()
+    write_tensors(run / "model.pgw", state, {})
+    write_tensors(run / "hessians.pgw", hs, {})
+    (run / "config.json").write_text(json.dumps({"quant": config_to_dict(qcfg)}))
+    parser = argparse.ArgumentParser()
+    add_quant_commands(parser.add_subparsers())
+    args = parser.parse_args(["quant", str(run), "--code-bytes", "0", "--explain", "--json", str(tmp_path / "r.json"),
+                              "--set", "quant.overrides=blocks.0.attn.c_k.weight=fp16"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "r.json").read_text())["explain"]
+    assert [r["name"] for r in rows] == list(state) and "bytes by role" in out
+    size = (run / "model.pgq").stat().st_size
+    assert 0.5 * size < sum(r["bytes"] for r in rows) <= size
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["blocks.0.attn.c_k.weight"]["source"] == "blocks.0.attn.c_k.weight=fp16"
+    assert by_name["blocks.0.attn.c_k.weight"]["storage"] == "fp16"
+    assert sum(r["lqer"] for r in rows) == 3
+    fc = by_name["blocks.1.mlp.fc.weight"]
+    back = read_artifact(run / "model.pgq")["blocks.1.mlp.fc.weight"]
+    w = state["blocks.1.mlp.fc.weight"]
+    assert fc["rel_error"] == pytest.approx(float((w - back).norm() / w.norm()), rel=1e-5)
+    assert fc["hessian_rel_error"] is not None and fc["k"] > 0 and fc["method"] == "gptq"

@@ -325,12 +325,16 @@ def read_artifact(path) -> dict[str, torch.Tensor]:
 
 
 def inspect_artifact(path) -> list[dict]:
-    """One row per tensor: name, shape, kind, bits, stored bytes, codec.
+    """One row per tensor: name, shape, kind, bits, stored bytes, codec (see header_rows)."""
+    return header_rows(parse_artifact(path)[0])
+
+
+def header_rows(header: dict) -> list[dict]:
+    """One row per tensor of a decoded header: name, shape, kind, bits, stored bytes, codec.
 
     A tensor's stored bytes are its share of its sections' compressed bytes, in proportion to its
-    uncompressed bytes there (sections are compressed as a whole).
+    uncompressed bytes there (sections are compressed as a whole); LQER factors count to their tensor.
     """
-    header, _ = parse_artifact(path)
     sections = {s["name"]: s for s in header["sections"]}
 
     def share(ref) -> float:
