@@ -209,7 +209,9 @@ BOOKKEEPING_KEYS = ("name", "out_dir", "recipe")
 
 
 def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain JSON values (list fields as lists, as they read back from a file)."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v
+                                                               for k, v in items})
 
 
 def config_from_dict(d: dict, cls=RunConfig):
