@@ -10,7 +10,7 @@ import torch
 from pgolf.config import QuantConfig
 from pgolf.quant.artifact import choose_section, read_quantized, write_artifact
 from pgolf.quant.codecs import compress_with
-from pgolf.quant.grouping import reorder, restore, similarity_order
+from pgolf.quant.grouping import reorder, restore, similarity_order, similarity_order_reference
 from pgolf.quant.pipeline import quantize_state
 
 
@@ -33,6 +33,9 @@ def test_similarity_order_is_a_permutation_that_chains_near_rows():
     q = clustered(40, 16, 3)
     perm = similarity_order(q)
     assert sorted(perm.tolist()) == list(range(40)) and perm[0] == 0
+    assert np.array_equal(perm, similarity_order_reference(q))
+    wide = np.random.default_rng(5).integers(-3, 4, size=(50, 7)).astype(np.int8)  # many ties
+    assert np.array_equal(similarity_order(wide), similarity_order_reference(wide))
     steps = np.abs(np.diff(q[perm].astype(np.int64), axis=0)).sum()
     assert steps < np.abs(np.diff(q.astype(np.int64), axis=0)).sum()
 

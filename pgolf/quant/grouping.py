@@ -17,26 +17,48 @@ ORDERS = ("", "T", "ST")
 ORDER_PROBE = "zlib9+none"
 
 
+def l1_distances(q: np.ndarray) -> np.ndarray:
+    """All row-to-row L1 distances of q (R, C), float32 (R, R); on a GPU when there is one, in row blocks."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.from_numpy(q.astype(np.float32)).to(device)
+    block = max(1, (1 << 26) // max(x.numel(), 1))  # rows per block: about 64 M differences at once
+    out = torch.empty(x.shape[0], x.shape[0], dtype=torch.float32, device=device)
+    for i in range(0, x.shape[0], block):
+        out[i:i + block] = torch.cdist(x[i:i + block], x, p=1)
+    return out.cpu().numpy()
+
+
 def similarity_order(q: np.ndarray) -> np.ndarray:
     """Greedy nearest-neighbour chain over the rows of q (R, C) in L1 distance; returns the row order.
 
-    Runs on a GPU when there is one (R steps of one R × C distance pass each)."""
+    The distances are computed once (l1_distances); the chain then walks them: each step masks the rows
+    used and jumps to the closest one left (ties: the lowest index)."""
     rows = q.shape[0]
     if rows <= 2:
         return np.arange(rows)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.from_numpy(q.astype(np.float32)).to(device)
-    used = torch.zeros(rows, dtype=torch.bool, device=device)
-    order = torch.empty(rows, dtype=torch.int64, device=device)
-    current = torch.tensor(0, device=device)
+    dist = l1_distances(q)
+    order = np.empty(rows, dtype=np.int64)
+    current = 0
     for i in range(rows):
         order[i] = current
+        dist[:, current] = np.inf
+        if i < rows - 1:
+            current = int(np.argmin(dist[current]))
+    return order
+
+
+def similarity_order_reference(q: np.ndarray) -> np.ndarray:
+    """The same chain, plainly: each step measures the current row against every unused one."""
+    x = q.astype(np.int64)
+    used = np.zeros(x.shape[0], dtype=bool)
+    order, current = [], 0
+    for _ in range(x.shape[0]):
+        order.append(current)
         used[current] = True
-        if i == rows - 1:
-            break
-        dist = (x - x[current]).abs().sum(dim=1).masked_fill(used, float("inf"))
-        current = torch.argmin(dist)
-    return order.cpu().numpy()
+        dist = np.abs(x - x[current]).sum(axis=1).astype(np.float64)
+        dist[used] = np.inf
+        current = int(np.argmin(dist))
+    return np.array(order, dtype=np.int64)
 
 
 def reorder(raw: bytes, shapes: list[tuple[int, int]], order: str) -> bytes:
