@@ -16,7 +16,7 @@ import torch
 
 from pgolf.config import QuantConfig
 from pgolf.dist import cuda_sync
-from pgolf.quant.formats import tensor_policy
+from pgolf.quant.policy import policy_table
 from pgolf.quant.gptq import gptq_quantize_batch, hessian_error, rtn_quantize
 from pgolf.tensorfile import read_tensors
 
@@ -33,7 +33,7 @@ def probe(run_dir: Path, min_numel: int = 65_536) -> None:
     state, _ = read_tensors(run_dir / "model.pgw")
     hess, _ = read_tensors(run_dir / "hessians.pgw")
     cfg = QuantConfig(passthrough_numel=min_numel)
-    mats = [n for n, t in state.items() if tensor_policy(n, t, cfg) == "matrix"]
+    mats = [n for n, r in policy_table(state, cfg).items() if r.kind == "matrix"]
     ratio = torch.cat([(state[n].abs().amax(1) / state[n].std(1)).flatten() for n in mats])
     print(f"{len(mats)} matrices, {sum(state[n].numel() for n in mats):,} values; row max/std: "
           f"median {ratio.median():.2f}, p90 {ratio.quantile(0.9):.2f}")

@@ -160,6 +160,22 @@ class QuantConfig:
     codec: str = "auto"  # auto | zlib | lzma | zstd | brotli (auto = smallest)
     size_cap: int = 16_000_000  # decimal bytes, code + artifact
     fit_to_budget: bool = True
+    # Per-role SDClip sigmas (pgolf.quant.policy); 0 = quant.sdclip_k. With fit_k the fitted k keeps their ratios.
+    sdclip_k_attn: float = 0.0
+    sdclip_k_mlp: float = 0.0
+    gate_bits: int = 0  # attention output gates as int rows (row-max scales, no GPTQ); 0 = fp16 passthrough
+    # Per-tensor policy by name: "glob=spec[+spec]" items, later ones win; spec: fp16 rtn gptq matrix embed
+    # lqer nolqer bits2..bits8 (pgolf.quant.policy).
+    overrides: tuple = ()
+    scale_floor: str = "tiny"  # tiny (1/(qmax*1024)) | inv_qmax (1/qmax): the smallest row scale
+    clip_quantiles: str = "0.999,0.9995,0.9999,0.99999,1.0"  # quant.clip=pct_search's row-quantile candidates
+    clip_select: str = "row"  # pct_search: per row by RTN MSE before GPTQ | per matrix by the GPTQ result's MSE
+    lqer_top_k: int = 0  # LQER: low-rank correction of the quantization residual on the top-k tensors by |E|
+    lqer_rank: int = 4
+    lqer_a_bits: int = 2  # A (rows x rank): one scale for the whole factor
+    lqer_b_bits: int = 4  # B (rank x cols): one scale per lqer_group consecutive values
+    lqer_group: int = 64
+    group_by: str = "bits"  # artifact sections: bits (one per width) | role (one per role, rows reordered)
 
 
 @dataclass
@@ -202,7 +218,9 @@ BOOKKEEPING_KEYS = ("name", "out_dir", "recipe")
 
 
 def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain JSON values (list fields as lists, as they read back from a file)."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v
+                                                               for k, v in items})
 
 
 def config_from_dict(d: dict, cls=RunConfig):
@@ -224,6 +242,9 @@ def config_from_dict(d: dict, cls=RunConfig):
 
 def coerce_value(key: str, value, typ):
     """Convert a string or JSON value to the field's type, or raise ConfigError naming the key."""
+    if typ is tuple:  # a list of strings: a JSON list, or one comma-separated string
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        return tuple(str(v).strip() for v in items if str(v).strip())
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
     text = str(value).strip()
@@ -306,7 +327,10 @@ FIELD_CHOICES = {
     "train.compile_mode": COMPILE_MODES,
     "train.device": ("auto", "cpu", "cuda"),
     "quant.method": ("gptq", "rtn"),
-    "quant.clip": ("sdclip", "search", "percentile", "none"),
+    "quant.clip": ("sdclip", "search", "percentile", "pct_search", "none"),
+    "quant.scale_floor": ("tiny", "inv_qmax"),
+    "quant.clip_select": ("row", "matrix"),
+    "quant.group_by": ("bits", "role"),
     "quant.codec": ("auto", "zlib", "lzma", "zstd", "brotli"),
     "eval.ttt_mode": ("sgd", "lora"),
     "eval.compile_scope": EVAL_COMPILE_SCOPES,
@@ -376,7 +400,11 @@ FIELD_RANGES = {
     "quant.fit_margin": FieldRange(0, 0.1, high_open=True), "quant.sdclip_k_embed": RANGE_POSITIVE,
     "quant.damp": RANGE_NON_NEGATIVE, "quant.block_size": RANGE_AT_LEAST_ONE,
     "quant.calib_batches": RANGE_NON_NEGATIVE, "quant.passthrough_numel": RANGE_NON_NEGATIVE,
-    "quant.size_cap": RANGE_AT_LEAST_ONE,
+    "quant.size_cap": RANGE_AT_LEAST_ONE, "quant.sdclip_k_attn": RANGE_NON_NEGATIVE,
+    "quant.sdclip_k_mlp": RANGE_NON_NEGATIVE, "quant.gate_bits": FieldRange(0, 8),
+    "quant.lqer_top_k": RANGE_NON_NEGATIVE, "quant.lqer_rank": RANGE_AT_LEAST_ONE,
+    "quant.lqer_a_bits": FieldRange(2, 8), "quant.lqer_b_bits": FieldRange(2, 8),
+    "quant.lqer_group": RANGE_AT_LEAST_ONE,
     "eval.seq_len": RANGE_NON_NEGATIVE, "eval.batch_seqs": RANGE_AT_LEAST_ONE, "eval.val_tokens": RANGE_NON_NEGATIVE,
     "eval.sliding_stride": RANGE_NON_NEGATIVE, "eval.ttt_chunk_tokens": RANGE_AT_LEAST_ONE,
     "eval.ttt_epochs": RANGE_AT_LEAST_ONE, "eval.ttt_lr": RANGE_NON_NEGATIVE, "eval.ttt_momentum": RANGE_DECAY,
@@ -406,6 +434,25 @@ def validate_config(cfg: RunConfig) -> None:
     for ok, message in config_relations(cfg):
         if not ok:
             raise ConfigError(message)
+
+
+def quantiles_ok(text: str) -> bool:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        return False
+    return bool(values) and all(0 < v <= 1 for v in values)
+
+
+def overrides_error(q) -> str | None:
+    """The first malformed quant.overrides item's message, or None."""
+    from pgolf.quant.policy import check_overrides
+
+    try:
+        check_overrides(q)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def config_relations(cfg: RunConfig) -> list[tuple[bool, str]]:
@@ -447,6 +494,12 @@ def config_relations(cfg: RunConfig) -> list[tuple[bool, str]]:
         (e.sliding_stride <= eval_seq,
          f"eval.sliding_stride={e.sliding_stride} exceeds the evaluation's sequence length {eval_seq}"),
         (not q.fit_k or q.clip == "sdclip", f"quant.fit_k needs quant.clip=sdclip, not {q.clip!r}"),
+        (t.qat_start_scale == 0 or q.clip == "sdclip",
+         f"train.qat_start_scale > 0 needs quant.clip=sdclip (the fake quantizer's clip), not {q.clip!r}"),
+        (q.gate_bits == 0 or q.gate_bits >= 2, f"quant.gate_bits={q.gate_bits} must be 0 (fp16) or 2..8"),
+        (quantiles_ok(q.clip_quantiles),
+         f"quant.clip_quantiles={q.clip_quantiles!r} must be comma-separated quantiles in (0, 1]"),
+        (overrides_error(q) is None, overrides_error(q) or ""),
         (e.val_tokens == 0 or e.val_tokens >= 2,
          f"eval.val_tokens={e.val_tokens} must be 0 (the whole validation split) or at least 2"),
     ]

@@ -304,8 +304,10 @@ def recipe_frontier() -> RunConfig:
 
     shared/reference/frontier.md §4.5 is the run configuration this follows. What differs from the record's
     script, and why:
-    - quantization: pgolf's GPTQ with one SDClip k for all matrices, fitted to fill the cap (quant.fit_k), in
-      place of the per-role sigmas, LQER and int8 gates (their own issue); embeddings int7 as in the record;
+    - quantization: the record's per-role SDClip sigmas (MLP 11.5, attention 13.0, embedding 14.0), int7 GPTQ
+      embeddings, int8 attention gates and LQER rank 4 on the top 3 residuals; the matrices' sigmas are scaled
+      together (ratios kept) to fill the cap (quant.fit_k), where the record fixes them; role-grouped
+      sections with reordered rows through brotli / lzma in place of the record's lrzip per group;
       calibration inside the timed budget (train.calib_reserve_s), where the record reserves 0.5 s;
     - evaluation: pgolf's sliding window and stream TTT, in place of the record's per-document LoRA TTT with
       phased global SGD (its own issue); scoring is not document-isolated yet;
@@ -364,7 +366,13 @@ def recipe_frontier() -> RunConfig:
     q.matrix_bits = 6
     q.embed_bits = 7
     q.clip = "sdclip"
+    q.sdclip_k = 12.85
+    q.sdclip_k_attn = 13.0
+    q.sdclip_k_mlp = 11.5
     q.sdclip_k_embed = 14.0
+    q.gate_bits = 8
+    q.lqer_top_k, q.lqer_rank, q.lqer_a_bits, q.lqer_b_bits, q.lqer_group = 3, 4, 2, 4, 64
+    q.group_by = "role"
     q.calib_batches = 16
     q.fit_k = True
     e = cfg.eval

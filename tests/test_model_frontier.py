@@ -12,7 +12,7 @@ from pgolf.errors import UserError
 from pgolf.model.features import SMEAR_BOS_ID, SmearGateV2
 from pgolf.model.gpt import GPT, virtual_layer_order
 from pgolf.optim.builder import build_optimizers
-from pgolf.quant.formats import tensor_policy
+from pgolf.quant.policy import tensor_rule
 from pgolf.recipes import get_recipe, recipe_record, recipe_tiny
 from tests.test_model import perturb
 
@@ -305,7 +305,7 @@ def test_new_parameters_are_scalar_adamw_and_fp16_passthrough():
     assert len(new) == 5 + 2 + 2 * 2  # a gate per block, w and lam, two lane blocks' carries and routes
     for name, p in new.items():
         assert id(p) in scalar, name
-        assert tensor_policy(name, p.detach(), qcfg) == "passthrough", name
+        assert tensor_rule(name, tuple(p.shape), True, qcfg).kind == "passthrough", name
     assert model.blocks[0].attn.attn_gate_w.shape == (4, 6) and model.smear_v2.weight.shape == (1, 6)
 
 

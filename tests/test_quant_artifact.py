@@ -14,9 +14,9 @@ from pgolf.config import QuantConfig
 from pgolf.errors import UserError
 from pgolf.quant.artifact import inspect_artifact, read_artifact, read_quantized, write_artifact
 from pgolf.quant.commands import add_quant_commands
-from pgolf.quant.formats import tensor_policy
 from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.pipeline import export_artifact, quantize_state
+from pgolf.quant.policy import tensor_rule
 from pgolf.quant.size import code_bytes_of, size_report, smallest_code_form, wrap_script
 from pgolf.tensorfile import write_tensors
 
@@ -66,6 +66,10 @@ def test_collect_hessians_matches_manual():
     assert not model.tok_emb.weight.requires_grad or model.tok_emb.weight.grad is None
     assert sorted(collect_hessians(model, batches(1), names=["tok_emb.weight"], passthrough_numel=100)) == [
         "tok_emb.weight"]
+
+
+def tensor_policy(name, t, cfg):
+    return tensor_rule(name, tuple(t.shape), t.is_floating_point(), cfg).kind
 
 
 def test_tensor_policy():

@@ -30,6 +30,7 @@ class CastedLinear(nn.Linear):
         self.register_buffer("qat_on", torch.zeros(()), persistent=False)
         self.register_buffer("qat_clip_k", torch.tensor(float(qat_clip_k)), persistent=False)
         self.fp8 = False
+        self.qat_scale_floor = "tiny"  # quant.scale_floor, set with the rest by pgolf.train.qat
 
     @torch.no_grad()
     def configure_qat(self, on: bool, bits: int | None = None, clip_k: float | None = None) -> None:
@@ -43,7 +44,7 @@ class CastedLinear(nn.Linear):
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass uses: plain, or fake-quantized with a straight-through gradient."""
         w = self.weight
-        fake = fake_quantize_rows(w.detach(), self.qat_bits, self.qat_clip_k)
+        fake = fake_quantize_rows(w.detach(), self.qat_bits, self.qat_clip_k, self.qat_scale_floor)
         # fake + (w - w.detach()) equals `fake` exactly in value and has d/dw = identity.
         ste = fake + (w - w.detach())
         return torch.where(self.qat_on > 0.5, ste, w)

@@ -20,11 +20,14 @@ from pgolf.errors import UserError
 from pgolf.fileio import atomic_write_bytes
 from pgolf.quant.codecs import AUTO_CODECS, codec_candidates, compress_best, compress_with, decompress_with
 from pgolf.quant.formats import dequantize_rows
+from pgolf.quant.grouping import ORDER_PROBE, orders_for, perm_bytes, reorder, restore
+from pgolf.quant.lqer import lqer_correction
 from pgolf.quant.pack import pack_bits, unpack_bits
 from pgolf.tensorfile import TENSORFILE_DTYPES, tensor_from_bytes, tensor_to_bytes
 
 ARTIFACT_MAGIC = b"PGQUANT\x00"
-ARTIFACT_VERSION = 2  # 2: sections over 4 MiB are stored in length-framed chunks
+ARTIFACT_VERSION = 3  # 2: sections over 4 MiB are stored in length-framed chunks; 3: LQER factors, role sections
+READABLE_VERSIONS = (2, 3)  # a version-2 file is a version-3 file without those
 ARTIFACT_PREFIX = struct.Struct("<8sIII")  # magic, version, header length, header CRC32
 # Filters tried per section layout (each with every codec of the candidate list). Bit-packed b-bit values
 # repeat every b bytes, hence shuf<b>; on int6 GPTQ-like values bitplane measured worse than none.
@@ -40,7 +43,7 @@ SAMPLE_CLOSE = 1.01
 class QuantTensor:
     """One state-dict entry as stored: integer values + fp16 row scales, or a passthrough tensor."""
 
-    kind: str  # matrix | embed | passthrough
+    kind: str  # matrix | embed | gate | passthrough
     shape: tuple
     dtype: str  # the original dtype name ("float32", ...), restored on read
     bits: int = 0
@@ -48,12 +51,17 @@ class QuantTensor:
     scale: torch.Tensor | None = None  # fp16 (R,)
     data: torch.Tensor | None = None  # passthrough: fp16 for floats, else the tensor itself
     info: dict = field(default_factory=dict)
+    lqer: dict | None = None  # LQER factors (pgolf.quant.lqer): qa, sa, qb, sb, a_bits, b_bits
+    group: str = ""  # compression group (the policy's), used when sections are grouped by role
 
     def dequantize(self) -> torch.Tensor:
         dtype = TENSORFILE_DTYPES[self.dtype]
         if self.kind == "passthrough":
             return self.data.to(dtype).reshape(self.shape)
-        return dequantize_rows(self.q, self.scale).to(dtype).reshape(self.shape)
+        w = dequantize_rows(self.q.cpu(), self.scale.cpu())
+        if self.lqer is not None:
+            w = w + lqer_correction(self.lqer)
+        return w.to(dtype).reshape(self.shape)
 
 
 @dataclass
@@ -65,17 +73,30 @@ class QuantizedModel:
         return {name: t.dequantize() for name, t in self.tensors.items()}
 
 
+def int_section(t: QuantTensor, group_by: str) -> str:
+    """The section of a tensor's integer values: "q<bits>", or "q<bits>.<group>" when grouped by role."""
+    return f"q{t.bits}.{t.group}" if group_by == "role" and t.group else f"q{t.bits}"
+
+
+def section_bits(section: str) -> int:
+    return int(section.split(".")[0][1:])
+
+
 def section_streams(qm: QuantizedModel):
     """Build the uncompressed section payloads and the tensor table (offsets into the payloads)."""
     parts: dict[str, list[bytes]] = {}
     sizes: dict[str, int] = {}
     table = []
+    group_by = qm.meta.get("group_by", "bits")
 
     def put(section: str, blob: bytes) -> list[int]:
         parts.setdefault(section, []).append(blob)
         start = sizes.get(section, 0)
         sizes[section] = start + len(blob)
         return [start, len(blob)]
+
+    def put_int8(section: str, t: torch.Tensor) -> list:
+        return [section, *put(section, t.detach().cpu().contiguous().numpy().tobytes())]
 
     for name, t in qm.tensors.items():
         entry = {"name": name, "kind": t.kind, "shape": list(t.shape), "dtype": t.dtype, "bits": t.bits}
@@ -85,20 +106,60 @@ def section_streams(qm: QuantizedModel):
             entry["stored"] = str(stored.dtype).removeprefix("torch.")
             entry["data"] = [section, *put(section, tensor_to_bytes(stored))]
         else:
-            entry["q"] = [f"q{t.bits}", *put(f"q{t.bits}", t.q.detach().cpu().contiguous().numpy().tobytes())]
+            entry["q"] = put_int8(int_section(t, group_by), t.q)
             entry["scale"] = ["scales", *put("scales", tensor_to_bytes(t.scale.to(torch.float16)))]
+        if t.lqer is not None:
+            lq = t.lqer
+            entry["lqer"] = {"a_bits": lq["a_bits"], "b_bits": lq["b_bits"], "a_shape": list(lq["qa"].shape),
+                             "b_shape": list(lq["qb"].shape), "qa": put_int8("lqer", lq["qa"]),
+                             "qb": put_int8("lqer", lq["qb"]),
+                             "sa": ["scales", *put("scales", tensor_to_bytes(lq["sa"].to(torch.float16)))],
+                             "sb": ["scales", *put("scales", tensor_to_bytes(lq["sb"].to(torch.float16)))]}
         table.append(entry)
     return {s: b"".join(p) for s, p in parts.items()}, table
 
 
-def section_layouts(section: str, raw: bytes) -> dict[str, bytes]:
-    """The byte layouts a section may be stored in: integer sections raw int8 or bit-packed."""
+def section_layouts(section: str, raw: bytes, shapes=None, orders=("",)) -> dict[str, bytes]:
+    """The byte layouts a section may be stored in: integer sections raw int8 or bit-packed, each in every
+    byte order of `orders` (pgolf.quant.grouping; layout "packed6.ST" = similar rows first, column-major,
+    packed). `shapes` ((rows, cols) per tensor, in stream order) is needed for any order but ""."""
     if not section.startswith("q"):
         return {"fp16" if section in ("fp16", "scales") else "raw": raw}
-    bits = int(section[1:])
-    if bits == 8:
-        return {"int8": raw}  # 8-bit packing is the int8 layout itself
-    return {"int8": raw, f"packed{bits}": pack_bits(np.frombuffer(raw, dtype=np.int8), bits)}
+    bits = section_bits(section)
+    out = {}
+    for order in orders:
+        data = reorder(raw, shapes, order)
+        head = perm_bytes(shapes, order) if order else 0
+        suffix = f".{order}" if order else ""
+        out[f"int8{suffix}"] = data
+        if bits < 8:  # 8-bit packing is the int8 layout itself
+            out[f"packed{bits}{suffix}"] = data[:head] + pack_bits(np.frombuffer(data[head:], dtype=np.int8), bits)
+    return out
+
+
+def layout_order(layout: str) -> str:
+    return layout.partition(".")[2]
+
+
+def section_shapes(table: list[dict]) -> dict[str, list[tuple[int, int]]]:
+    """{role section: (rows, cols) of each tensor's values, in stream order}, from the tensor table."""
+    out: dict[str, list] = {}
+    for e in sorted((e for e in table if "q" in e and "." in e["q"][0]), key=lambda e: e["q"][1]):
+        rows = e["shape"][0]
+        out.setdefault(e["q"][0], []).append((rows, e["q"][2] // max(rows, 1)))
+    return out
+
+
+def best_order(section: str, raw: bytes, shapes) -> str:
+    """The byte order with the fewest bytes under the cheap probe codec, on a sample of each."""
+    orders = orders_for(shapes)
+    if len(orders) == 1:
+        return orders[0]
+    sizes = {}
+    for order in orders:
+        data = reorder(raw, shapes, order)
+        sizes[order] = len(compress_with(ORDER_PROBE, sample_of(data) if len(data) > SAMPLE_ABOVE_BYTES else data))
+    return min(orders, key=sizes.__getitem__)
 
 
 def sample_of(data: bytes) -> bytes:
@@ -107,11 +168,14 @@ def sample_of(data: bytes) -> bytes:
     return b"".join(data[i * (n - piece) // 3: i * (n - piece) // 3 + piece] for i in range(4))
 
 
-def choose_section(section: str, raw: bytes, codecs) -> dict:
-    """Pick the layout and method with the fewest compressed bytes; returns the section record with its blob."""
+def choose_section(section: str, raw: bytes, codecs, shapes=None) -> dict:
+    """Pick the layout and method with the fewest compressed bytes; returns the section record with its blob.
+
+    A role section (shapes given) first picks its byte order by a cheap probe, then searches as any other."""
     options = []
-    for layout, data in section_layouts(section, raw).items():
-        options += [(layout, data, f"{c}+{f}") for c in codecs for f in SECTION_FILTERS[layout]]
+    orders = (best_order(section, raw, shapes),) if shapes else ("",)
+    for layout, data in section_layouts(section, raw, shapes, orders).items():
+        options += [(layout, data, f"{c}+{f}") for c in codecs for f in SECTION_FILTERS[layout.partition(".")[0]]]
     if len(raw) > SAMPLE_ABOVE_BYTES and len(options) > 1:
         sizes = [len(compress_with(o[2], sample_of(o[1]))) for o in options]
         ranked = sorted(range(len(options)), key=sizes.__getitem__)
@@ -134,15 +198,16 @@ def encode_artifact(qm: QuantizedModel, codecs=AUTO_CODECS, plan: dict | None = 
     runnable, _ = codec_candidates([f"{c}+none" for c in codecs])
     codecs = [m.split("+")[0] for m in runnable]
     streams, table = section_streams(qm)
+    shapes = section_shapes(table)
     sections, offset = [], 0
     for name, raw in streams.items():
         if plan and name in plan:
             layout, method = plan[name]
-            data = section_layouts(name, raw)[layout]
+            data = section_layouts(name, raw, shapes.get(name), (layout_order(layout),))[layout]
             rec = {"layout": layout, "method": method, "raw_len": len(data), "values": len(raw),
                    "blob": compress_with(method, data)}
         else:
-            rec = choose_section(name, raw, codecs)
+            rec = choose_section(name, raw, codecs, shapes.get(name))
         rec.update(name=name, offset=offset, length=len(rec["blob"]), crc32=zlib.crc32(rec["blob"]))
         offset += rec["length"]
         sections.append(rec)
@@ -182,8 +247,9 @@ def decode_container(data: bytes) -> tuple[dict, dict[str, bytes]]:
     magic, version, header_len, header_crc = ARTIFACT_PREFIX.unpack_from(data)
     if magic != ARTIFACT_MAGIC:
         raise UserError("not a pgolf quantized artifact (bad magic)")
-    if version != ARTIFACT_VERSION:
-        raise UserError(f"artifact version {version} is not supported (this reader knows {ARTIFACT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise UserError(f"artifact version {version} is not supported (this reader knows "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}): re-quantize the run with this pgolf")
     start = ARTIFACT_PREFIX.size
     header_bytes = data[start:start + header_len]
     if len(header_bytes) != header_len:
@@ -195,18 +261,38 @@ def decode_container(data: bytes) -> tuple[dict, dict[str, bytes]]:
     expected = base + sum(s["length"] for s in header["sections"])
     if len(data) != expected:
         raise UserError(f"size {len(data)} bytes, expected {expected} (truncated or extended)")
-    streams = {}
+    streams, shapes = {}, section_shapes(header["tensors"])
     for s in header["sections"]:
         blob = data[base + s["offset"]: base + s["offset"] + s["length"]]
         if zlib.crc32(blob) != s["crc32"]:
             raise UserError(f"section {s['name']!r} checksum mismatch (corrupted)")
         raw = decompress_with(s["method"], blob, s["raw_len"])
+        order = layout_order(s["layout"])
+        head = perm_bytes(shapes.get(s["name"], []), order) if order else 0
         if s["layout"].startswith("packed"):
-            raw = unpack_bits(raw, int(s["name"][1:]), s["values"]).tobytes()
+            raw = raw[:head] + unpack_bits(raw[head:], section_bits(s["name"]), s["values"]).tobytes()
+        if order:
+            raw = restore(raw, shapes[s["name"]], order)
         if len(raw) != s["values"]:
             raise UserError(f"section {s['name']!r} decodes to {len(raw)} bytes, expected {s['values']}")
         streams[s["name"]] = raw
     return header, streams
+
+
+def int8_from_ref(ref: list, streams: dict[str, bytes], shape) -> torch.Tensor:
+    section, off, n = ref
+    return torch.from_numpy(np.frombuffer(streams[section][off:off + n], dtype=np.int8).copy()).reshape(shape)
+
+
+def fp16_from_ref(ref: list, streams: dict[str, bytes], count: int) -> torch.Tensor:
+    section, off, n = ref
+    return tensor_from_bytes(streams[section][off:off + n], "float16", [count])
+
+
+def lqer_from_entry(e: dict, streams: dict[str, bytes]) -> dict:
+    qa, qb = int8_from_ref(e["qa"], streams, e["a_shape"]), int8_from_ref(e["qb"], streams, e["b_shape"])
+    return {"qa": qa, "qb": qb, "sa": fp16_from_ref(e["sa"], streams, e["sa"][2] // 2),
+            "sb": fp16_from_ref(e["sb"], streams, e["sb"][2] // 2), "a_bits": e["a_bits"], "b_bits": e["b_bits"]}
 
 
 def tensor_from_entry(entry: dict, streams: dict[str, bytes]) -> QuantTensor:
@@ -215,11 +301,11 @@ def tensor_from_entry(entry: dict, streams: dict[str, bytes]) -> QuantTensor:
         section, off, n = entry["data"]
         t.data = tensor_from_bytes(streams[section][off:off + n], entry["stored"], entry["shape"])
         return t
-    section, off, n = entry["q"]
     rows = entry["shape"][0]
-    t.q = torch.from_numpy(np.frombuffer(streams[section][off:off + n], dtype=np.int8).copy()).reshape(rows, -1)
-    section, off, n = entry["scale"]
-    t.scale = tensor_from_bytes(streams[section][off:off + n], "float16", [rows])
+    t.q = int8_from_ref(entry["q"], streams, (rows, -1))
+    t.scale = fp16_from_ref(entry["scale"], streams, rows)
+    if "lqer" in entry:
+        t.lqer = lqer_from_entry(entry["lqer"], streams)
     return t
 
 
@@ -239,12 +325,16 @@ def read_artifact(path) -> dict[str, torch.Tensor]:
 
 
 def inspect_artifact(path) -> list[dict]:
-    """One row per tensor: name, shape, kind, bits, stored bytes, codec.
+    """One row per tensor: name, shape, kind, bits, stored bytes, codec (see header_rows)."""
+    return header_rows(parse_artifact(path)[0])
+
+
+def header_rows(header: dict) -> list[dict]:
+    """One row per tensor of a decoded header: name, shape, kind, bits, stored bytes, codec.
 
     A tensor's stored bytes are its share of its sections' compressed bytes, in proportion to its
-    uncompressed bytes there (sections are compressed as a whole).
+    uncompressed bytes there (sections are compressed as a whole); LQER factors count to their tensor.
     """
-    header, _ = parse_artifact(path)
     sections = {s["name"]: s for s in header["sections"]}
 
     def share(ref) -> float:
@@ -254,6 +344,8 @@ def inspect_artifact(path) -> list[dict]:
     rows = []
     for e in header["tensors"]:
         refs = [e["data"]] if e["kind"] == "passthrough" else [e["q"], e["scale"]]
+        if "lqer" in e:
+            refs += [e["lqer"][k] for k in ("qa", "qb", "sa", "sb")]
         methods = sorted({f"{sections[r[0]]['layout']}/{sections[r[0]]['method']}" for r in refs})
         rows.append({"name": e["name"], "shape": e["shape"], "kind": e["kind"], "bits": e["bits"],
                      "bytes": round(sum(share(r) for r in refs)), "codec": ", ".join(methods)})

@@ -16,6 +16,7 @@ from pgolf.config import (
 from pgolf.errors import UserError
 from pgolf.fileio import atomic_write_bytes, atomic_write_text, replace_together
 from pgolf.quant.artifact import inspect_artifact
+from pgolf.quant.explain import explain_rows, format_explain
 from pgolf.quant.pipeline import encode_state
 from pgolf.quant.size import format_size_report
 from pgolf.runrecord import QuantRecord, RunRecord, read_run_record, record_file_text
@@ -102,6 +103,9 @@ def cmd_quant(args) -> int:
     out = Path(args.out) if args.out else run_artifact
     own = out.resolve() == run_artifact.resolve()
     report, blob = encode_state(state, hessians, cfg, code_bytes)
+    if args.explain:
+        report["explain"] = explain_rows(state, blob, cfg, hessians)
+        print(format_explain(report["explain"]))
     print_quant_report(report)
     fits = report["bytes"]["fits"]
     if own and not fits:
@@ -146,6 +150,8 @@ def add_quant_commands(subparsers) -> None:
     p.add_argument("--code-bytes", type=int, default=None, help="code bytes to count (default: record.json)")
     p.add_argument("--out", default="", help="artifact path (default RUN_DIR/model.pgq)")
     p.add_argument("--json", default="", help="also write the full export report as JSON here")
+    p.add_argument("--explain", action="store_true",
+                   help="print every tensor's quantization rule, stored bytes and round-trip error")
     p.set_defaults(func=cmd_quant)
 
     a = subparsers.add_parser("artifact", help="work with quantized artifacts")

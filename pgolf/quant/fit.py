@@ -39,11 +39,12 @@ def entropy_bytes(counts) -> float:
     return float(-(p * torch.log2(p)).sum()) * n / 8.0
 
 
-def rtn_counts(weights: list[torch.Tensor], bits: int, k: float) -> torch.Tensor:
-    """Value histogram of all `weights` under round-to-nearest with SDClip k (what the section would hold)."""
+def rtn_counts(weights: list[torch.Tensor], bits: int, k: float, ratios=None, floor: str = "tiny") -> torch.Tensor:
+    """Value histogram of all `weights` under round-to-nearest with SDClip k (what the section would hold);
+    weight i at k · ratios[i] (the policy's per-role share of the fitted k) when ratios are given."""
     total = torch.zeros(256, dtype=torch.int64)
-    for w in weights:
-        scale = row_scales(row_clip_sdclip(w, k), bits)
+    for i, w in enumerate(weights):
+        scale = row_scales(row_clip_sdclip(w, k * (ratios[i] if ratios else 1.0)), bits, floor)
         total += value_counts(quantize_rows(w, scale, bits)).cpu()
     return total
 
@@ -54,20 +55,23 @@ def section_ratio(section: str, raw: bytes, codecs) -> dict:
     rec = choose_section(section, sample, codecs)
     counts = np.bincount(np.frombuffer(sample, dtype=np.uint8), minlength=256)
     ideal = entropy_bytes(counts)
-    return {"ratio": len(rec["blob"]) / max(ideal, 1.0), "layout": rec["layout"], "method": rec["method"]}
+    full = entropy_bytes(np.bincount(np.frombuffer(raw, dtype=np.uint8), minlength=256))
+    return {"ratio": len(rec["blob"]) / max(ideal, 1.0), "layout": rec["layout"], "method": rec["method"],
+            "entropy": full}
 
 
 def choose_k(weights: list[torch.Tensor], bits: int, target_bytes: float, ratio: float, k_min: float,
-             fixed_counts: torch.Tensor | None = None) -> dict:
+             fixed_counts: torch.Tensor | None = None, ratios=None, floor: str = "tiny") -> dict:
     """The smallest k in [k_min, K_MAX] with ratio · entropy(values at k) ≤ target_bytes.
 
     fixed_counts: values that share the section but do not depend on k (e.g. embeddings at the same bits).
+    ratios: each weight's share of k (per-role sigmas); floor: quant.scale_floor.
     Returns {"k", "predicted_bytes", "entropy_bits_per_value"}; UserError when even K_MAX is too big.
     """
     fixed = fixed_counts if fixed_counts is not None else torch.zeros(256, dtype=torch.int64)
 
     def predicted(k: float) -> tuple[float, torch.Tensor]:
-        counts = rtn_counts(weights, bits, k) + fixed
+        counts = rtn_counts(weights, bits, k, ratios, floor) + fixed
         return ratio * entropy_bytes(counts), counts
 
     size, counts = predicted(k_min)

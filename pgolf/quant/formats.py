@@ -1,4 +1,5 @@
-"""Per-row symmetric integer formats, shared by export quantization and QAT.
+"""Per-row symmetric integer formats, shared by export quantization and QAT (which tensor gets which format
+is pgolf.quant.policy's decision).
 
 A row r of a matrix W is stored as integers q[r, :] in [-qmax, qmax] (qmax = 2^(bits-1) - 1) and one fp16
 scale s[r]; it reads back as q * s. The scale comes from a row clip c[r] as s = c / qmax. QAT's fake
@@ -26,14 +27,30 @@ def row_clip_sdclip(w: torch.Tensor, k) -> torch.Tensor:
 
 
 def row_clip_percentile(w: torch.Tensor, q: float = 0.9999984) -> torch.Tensor:
-    """The naive baseline's clip: the q-quantile of |w| per row."""
+    """The naive baseline's clip: the q-quantile of |w| per row (linear interpolation)."""
     return torch.quantile(w.float().abs(), q, dim=1)
 
 
-def row_scales(clip: torch.Tensor, bits: int) -> torch.Tensor:
-    """fp16 per-row scales from row clips; a zero row gets the smallest positive step so it reads back as 0."""
+def row_clip_quantiles(w: torch.Tensor, quantiles) -> torch.Tensor:
+    """Candidate row clips (K, R): the q-quantile of |w| per row for each q (quant.clip=pct_search)."""
+    qs = torch.tensor([float(q) for q in quantiles], dtype=torch.float32, device=w.device)
+    return torch.quantile(w.float().abs(), qs, dim=1)
+
+
+def scale_floor_value(qmax: int, floor: str = "tiny") -> float:
+    """The smallest row scale (quant.scale_floor): "tiny" 1/(qmax·1024), so a zero row reads back as 0;
+    "inv_qmax" 1/qmax, the seeds' floor (a row whose clip is below 1 keeps a grid step of 1/qmax)."""
+    if floor == "tiny":
+        return 1.0 / (qmax * 1024)
+    if floor == "inv_qmax":
+        return 1.0 / qmax
+    raise ValueError(f"quant.scale_floor={floor!r} is not tiny|inv_qmax")
+
+
+def row_scales(clip: torch.Tensor, bits: int, floor: str = "tiny") -> torch.Tensor:
+    """fp16 per-row scales from row clips, at least the scale floor."""
     qmax = qmax_for_bits(bits)
-    scale = (clip.float() / qmax).clamp_min(1.0 / (qmax * 1024))
+    scale = (clip.float() / qmax).clamp_min(scale_floor_value(qmax, floor))
     return scale.to(torch.float16)
 
 
@@ -48,40 +65,11 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float().unsqueeze(1)
 
 
-def fake_quantize_rows(w: torch.Tensor, bits: int, clip_k) -> torch.Tensor:
+def fake_quantize_rows(w: torch.Tensor, bits: int, clip_k, floor: str = "tiny") -> torch.Tensor:
     """What export gives for W under round-to-nearest with SDClip scales: dequantize(quantize(W)).
 
     Used by QAT through a straight-through estimator; equal, element for element, to the export path's
     round-to-nearest result with the same bits and k.
     """
-    scale = row_scales(row_clip_sdclip(w.detach(), clip_k), bits)
+    scale = row_scales(row_clip_sdclip(w.detach(), clip_k), bits, floor)
     return dequantize_rows(quantize_rows(w, scale, bits), scale).to(w.dtype)
-
-
-# Name parts that mark an attention or MLP matrix (stored with matrix_bits); any other large 2D float
-# tensor (token embedding, BigramHash and value-embedding tables, an untied head) gets embed_bits.
-MATRIX_NAME_PARTS = ("attn", "mlp")
-
-
-def tensor_policy(name: str, tensor: torch.Tensor, cfg) -> str:
-    """How the artifact stores one state-dict tensor: "matrix", "embed" or "passthrough".
-
-    Passthrough tensors (non-float, not 2D, or at most cfg.passthrough_numel elements: gains, scales,
-    gates, small projections) are stored as they are, floats as fp16. Control tensors stay fp16 as in the
-    records: they are a few tens of thousands of values, and fp32 would cost bytes without a measured gain.
-    """
-    if not tensor.is_floating_point() or tensor.ndim != 2 or tensor.numel() <= cfg.passthrough_numel:
-        return "passthrough"
-    if any(part in name for part in MATRIX_NAME_PARTS):
-        return "matrix"
-    return "embed"
-
-
-def policy_bits(kind: str, cfg) -> int:
-    """Bits of a "matrix" or "embed" tensor under cfg (QuantConfig)."""
-    return cfg.matrix_bits if kind == "matrix" else cfg.embed_bits
-
-
-def policy_clip_k(kind: str, cfg) -> float:
-    """SDClip k of a "matrix" or "embed" tensor under cfg (QuantConfig)."""
-    return cfg.sdclip_k if kind == "matrix" else cfg.sdclip_k_embed

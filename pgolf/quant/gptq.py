@@ -16,6 +16,7 @@ from pgolf.quant.formats import (
     qmax_for_bits,
     quantize_rows,
     row_clip_percentile,
+    row_clip_quantiles,
     row_clip_sdclip,
     row_scales,
 )
@@ -25,11 +26,15 @@ from pgolf.quant.formats import (
 SEARCH_CLIP_FACTORS = (1.0, 0.9, 0.8, 0.7, 0.6)
 # Cholesky failures are retried with the damping fraction raised tenfold, this many times at most.
 DAMP_RETRIES = 4
+# clip="pct_search" without quant.clip_quantiles: the seeds' row-quantile candidates (seed-systems M5).
+DEFAULT_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 
 
-def row_clip_candidates(w: torch.Tensor, clip: str, k: float) -> torch.Tensor:
-    """Row clips (K, R) of a 2D matrix w (R, C) for the clip rule; K = 1 unless clip == "search"."""
+def row_clip_candidates(w: torch.Tensor, clip: str, k: float, quantiles=None) -> torch.Tensor:
+    """Row clips (K, R) of a 2D matrix w (R, C) for the clip rule; K = 1 unless clip is search / pct_search."""
     w = w.float()
+    if clip == "pct_search":
+        return row_clip_quantiles(w, quantiles or DEFAULT_QUANTILES)
     if clip == "sdclip":
         return row_clip_sdclip(w, k).unsqueeze(0)
     if clip == "percentile":
@@ -39,7 +44,7 @@ def row_clip_candidates(w: torch.Tensor, clip: str, k: float) -> torch.Tensor:
         return rowmax.unsqueeze(0)
     if clip == "search":
         return torch.stack([row_clip_sdclip(w, k)] + [rowmax * f for f in SEARCH_CLIP_FACTORS])
-    raise UserError(f"quant.clip={clip!r} is not sdclip|search|percentile|none")
+    raise UserError(f"quant.clip={clip!r} is not sdclip|search|percentile|pct_search|none")
 
 
 def hessian_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -48,17 +53,24 @@ def hessian_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torc
     return ((e @ h.float()) * e).sum(dim=-1)
 
 
-def rtn_quantize(w: torch.Tensor, bits: int, clip: str = "sdclip", k: float = 12.85):
-    """Round-to-nearest per row: (q int8, scale fp16). clip="search" keeps each row's lowest squared error."""
-    clips = row_clip_candidates(w, clip, k)
-    scales = row_scales(clips, bits)
+def rtn_candidates(w: torch.Tensor, scales: torch.Tensor, bits: int, select: str = "row"):
+    """Round-to-nearest at each candidate scale (K, R); keep the lowest squared error per row, or per
+    matrix (one candidate for all rows) when select == "matrix". Returns (q int8, scale fp16)."""
     qs = torch.stack([quantize_rows(w, s, bits) for s in scales])
     if len(scales) == 1:
         return qs[0], scales[0]
     err = ((w.float().unsqueeze(0) - qs.float() * scales.float().unsqueeze(-1)) ** 2).sum(dim=-1)
-    best = err.argmin(dim=0)
     rows = torch.arange(w.shape[0], device=w.device)
+    best = err.argmin(dim=0) if select == "row" else err.sum(dim=1).argmin().expand(w.shape[0])
     return qs[best, rows], scales[best, rows]
+
+
+def rtn_quantize(w: torch.Tensor, bits: int, clip: str = "sdclip", k: float = 12.85, floor: str = "tiny",
+                 quantiles=None, select: str = "row"):
+    """Round-to-nearest per row: (q int8, scale fp16). With several clip candidates (search, pct_search)
+    each row keeps its lowest squared error (per matrix with select="matrix")."""
+    scales = row_scales(row_clip_candidates(w, clip, k, quantiles), bits, floor)
+    return rtn_candidates(w, scales, bits, select)
 
 
 def hinv_factor(h: torch.Tensor) -> torch.Tensor:
@@ -124,19 +136,46 @@ def gptq_columns(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, qmax: in
     return q
 
 
+def candidate_scales(w: torch.Tensor, bits: int, clip: str, k: float, floor: str, quantiles, select: str):
+    """Row scales (N, K, R) fp16 for GPTQ. pct_search with select="row" fixes each row's scale before GPTQ
+    by round-to-nearest MSE (K = 1); every other multi-candidate rule leaves K candidates to GPTQ."""
+    n, r, c = w.shape
+    clips = row_clip_candidates(w.reshape(n * r, c), clip, k, quantiles)
+    scales = row_scales(clips, bits, floor)  # (K, N*R)
+    if clip == "pct_search" and select == "row":
+        _, best = rtn_candidates(w.reshape(n * r, c), scales, bits, "row")
+        return best.reshape(n, 1, r)
+    return scales.reshape(-1, n, r).permute(1, 0, 2)
+
+
+def pick_candidate(q, scales, wp, hp, clip: str, select: str):
+    """Keep one of K GPTQ results per row (Hessian-weighted error; clip="search") or per matrix (plain MSE;
+    pct_search with select="matrix"). q (N, K, R, C), scales (N, K, R). Returns (q, scale, rows per candidate)."""
+    n, ncand, r, c = q.shape
+    deq = q * scales.float().unsqueeze(-1)
+    if clip == "pct_search":
+        err = ((wp.unsqueeze(1) - deq) ** 2).sum(dim=(-1, -2))  # (N, K)
+        best = err.argmin(dim=1)[:, None].expand(n, r)
+    else:
+        best = hessian_error(wp.unsqueeze(1), deq, hp.unsqueeze(1)).argmin(dim=1)  # (N, R)
+    q = q.gather(1, best[:, None, :, None].expand(n, 1, r, c)).squeeze(1)
+    scale = scales.gather(1, best[:, None, :]).squeeze(1)
+    return q, scale, torch.bincount(best.flatten(), minlength=ncand).tolist()
+
+
 def gptq_quantize_batch(w: torch.Tensor, h: torch.Tensor, bits: int, clip: str = "sdclip", k: float = 12.85,
-                        damp: float = 0.01, block_size: int = 128, act_order: bool = True):
+                        damp: float = 0.01, block_size: int = 128, act_order: bool = True, floor: str = "tiny",
+                        quantiles=None, select: str = "row"):
     """GPTQ of a stack of matrices w (N, R, C) with Hessians h (N, C, C): (q int8 (N,R,C), scale fp16 (N,R), info).
 
-    info: "damp" (fraction used, per matrix), "damp_retries", "dead_columns" (per matrix), and for
-    clip="search" "clip_choice" (rows that chose each candidate).
+    info: "damp" (fraction used, per matrix), "damp_retries", "dead_columns" (per matrix), and with several
+    clip candidates "clip_choice" (rows that chose each candidate).
     """
     w = w.float()
     n, r, c = w.shape
     h = h.to(device=w.device, dtype=torch.float32).clone()
     qmax = qmax_for_bits(bits)
-    clips = row_clip_candidates(w.reshape(n * r, c), clip, k).reshape(-1, n, r)
-    scales = row_scales(clips, bits).permute(1, 0, 2)  # (N, K, R) fp16
+    scales = candidate_scales(w, bits, clip, k, floor, quantiles, select)  # (N, K, R) fp16
     ncand = scales.shape[1]
 
     diag = h.diagonal(dim1=-2, dim2=-1)
@@ -157,12 +196,7 @@ def gptq_quantize_batch(w: torch.Tensor, h: torch.Tensor, bits: int, clip: str =
     q = gptq_columns(w_rep, u, s_rep, qmax, block_size).view(n, ncand, r, c)
     info = {"damp": fracs.tolist(), "damp_retries": retries, "dead_columns": dead.sum(dim=-1).tolist()}
     if ncand > 1:
-        deq = q * scales.float().unsqueeze(-1)
-        err = hessian_error(wp.unsqueeze(1), deq, hp.unsqueeze(1))  # (N, K, R)
-        best = err.argmin(dim=1)
-        q = q.gather(1, best[:, None, :, None].expand(n, 1, r, c)).squeeze(1)
-        scale = scales.gather(1, best[:, None, :]).squeeze(1)
-        info["clip_choice"] = torch.bincount(best.flatten(), minlength=ncand).tolist()
+        q, scale, info["clip_choice"] = pick_candidate(q, scales, wp, hp, clip, select)
     else:
         q, scale = q[:, 0], scales[:, 0]
     inv = torch.argsort(perm, dim=-1)
@@ -171,8 +205,9 @@ def gptq_quantize_batch(w: torch.Tensor, h: torch.Tensor, bits: int, clip: str =
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, clip: str = "sdclip", k: float = 12.85,
-                  damp: float = 0.01, block_size: int = 128, act_order: bool = True):
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = True, **clip_options):
     """GPTQ of one matrix w (R, C) with Hessian h (C, C): (q int8 (R, C), scale fp16 (R,), info dict)."""
-    q, scale, info = gptq_quantize_batch(w.unsqueeze(0), h.unsqueeze(0), bits, clip, k, damp, block_size, act_order)
+    q, scale, info = gptq_quantize_batch(w.unsqueeze(0), h.unsqueeze(0), bits, clip, k, damp, block_size, act_order,
+                                         **clip_options)
     info = {key: (v[0] if isinstance(v, list) and key != "clip_choice" else v) for key, v in info.items()}
     return q[0], scale[0], info

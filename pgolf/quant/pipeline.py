@@ -9,11 +9,19 @@ import torch
 from pgolf.dist import cuda_sync
 from pgolf.errors import UserError
 from pgolf.fileio import atomic_write_bytes
-from pgolf.quant.artifact import QuantizedModel, QuantTensor, choose_section, encode_artifact, section_streams
+from pgolf.quant.artifact import (
+    QuantizedModel,
+    QuantTensor,
+    choose_section,
+    encode_artifact,
+    section_bits,
+    section_streams,
+)
 from pgolf.quant.codecs import AUTO_CODECS, codec_candidates
 from pgolf.quant.fit import choose_k, entropy_bytes, section_ratio, value_counts
-from pgolf.quant.formats import policy_bits, policy_clip_k, tensor_policy
 from pgolf.quant.gptq import gptq_quantize_batch, rtn_quantize
+from pgolf.quant.lqer import apply_lqer
+from pgolf.quant.policy import policy_table
 from pgolf.quant.size import fit_to_budget, size_report
 
 # quant.codec values → the codec methods tried.
@@ -28,46 +36,62 @@ def dtype_name(t: torch.Tensor) -> str:
 
 
 def quantize_state(state_dict: dict[str, torch.Tensor], hessians: dict | None, cfg,
-                   matrix_k: float | None = None) -> QuantizedModel:
-    """Quantize a float state dict under cfg (QuantConfig): GPTQ where a Hessian is known and cfg.method is
-    "gptq", round-to-nearest otherwise; small / non-2D tensors pass through as fp16. matrix_k replaces
-    cfg.sdclip_k for the attention / MLP matrices. Runs on the Hessians' device (the GPU after training)."""
+                   matrix_k: float | None = None, with_lqer: bool = True) -> QuantizedModel:
+    """Quantize a float state dict under cfg (QuantConfig) as the policy (pgolf.quant.policy) says: GPTQ
+    where its rule says so and a Hessian is known, round-to-nearest otherwise, fp16 / raw passthrough; then
+    LQER on the top-k residuals (unless with_lqer is False). matrix_k replaces quant.sdclip_k for the fitted
+    rows (their role ratios kept). Runs on the Hessians' device (the GPU after training)."""
     hessians = hessians or {}
+    rules = policy_table(state_dict, cfg)
     out: dict[str, QuantTensor] = {}
     jobs: dict[tuple, list[str]] = {}
     for name, t in state_dict.items():
-        t = t.detach()
-        kind = tensor_policy(name, t, cfg)
-        if kind == "passthrough":
-            data = t.to(torch.float16) if t.is_floating_point() else t
-            out[name] = QuantTensor(kind, tuple(t.shape), dtype_name(t), data=data.cpu())
+        t, rule = t.detach(), rules[name]
+        if rule.storage != "int":
+            data = t.to(torch.float16) if rule.storage == "fp16" else t
+            out[name] = QuantTensor("passthrough", tuple(t.shape), dtype_name(t), data=data.cpu(), group=rule.group)
             continue
-        bits, k = policy_bits(kind, cfg), policy_clip_k(kind, cfg)
-        if kind == "matrix" and matrix_k is not None:
-            k = float(matrix_k)
-        if cfg.method == "gptq" and name in hessians:
-            jobs.setdefault((kind, tuple(t.shape), bits, k), []).append(name)
+        k = rule.k_at(matrix_k)
+        if rule.method == "gptq" and name in hessians:
+            jobs.setdefault((rule.kind, rule.group, tuple(t.shape), rule.bits, rule.clip, k), []).append(name)
             continue
-        q, scale = rtn_quantize(t, bits, cfg.clip, k)
-        out[name] = QuantTensor(kind, tuple(t.shape), dtype_name(t), bits, q.cpu(), scale.cpu(),
-                                info={"method": "rtn"})
-    for (kind, shape, bits, k), names in jobs.items():
-        for i in range(0, len(names), GPTQ_BATCH):
-            group = names[i:i + GPTQ_BATCH]
-            h = torch.stack([hessians[n].float() for n in group])
-            w = torch.stack([state_dict[n].detach().float().to(h.device) for n in group])
-            if h.shape[-1] != shape[1]:
-                raise UserError(f"Hessian of {group[0]} is {tuple(h.shape[1:])}, weight is {shape}")
-            q, scale, info = gptq_quantize_batch(w, h, bits, cfg.clip, k, cfg.damp, cfg.block_size, cfg.act_order)
-            for j, n in enumerate(group):
-                out[n] = QuantTensor(kind, shape, dtype_name(state_dict[n]), bits, q[j].cpu(), scale[j].cpu(),
-                                     info={"method": "gptq", "damp": info["damp"][j],
-                                           "damp_retries": info["damp_retries"],
-                                           "dead_columns": info["dead_columns"][j]})
+        q, scale = rtn_quantize(t, rule.bits, rule.clip, k, **clip_options(cfg))
+        out[name] = QuantTensor(rule.kind, tuple(t.shape), dtype_name(t), rule.bits, q.cpu(), scale.cpu(),
+                                info={"method": "rtn"}, group=rule.group)
+    for key, names in jobs.items():
+        out.update(gptq_job(key, names, state_dict, hessians, cfg))
     ordered = {name: out[name] for name in state_dict}
+    chosen = apply_lqer(ordered, state_dict, rules, cfg) if with_lqer else []
     return QuantizedModel(tensors=ordered, meta={"method": cfg.method, "clip": cfg.clip,
                                                  "matrix_bits": cfg.matrix_bits, "embed_bits": cfg.embed_bits,
-                                                 "matrix_k": float(cfg.sdclip_k if matrix_k is None else matrix_k)})
+                                                 "matrix_k": float(cfg.sdclip_k if matrix_k is None else matrix_k),
+                                                 "group_by": cfg.group_by, "lqer": chosen})
+
+
+def clip_options(cfg) -> dict:
+    """The clip settings every quantizer call takes besides the rule's clip and k."""
+    return {"floor": cfg.scale_floor, "quantiles": [float(v) for v in cfg.clip_quantiles.split(",")],
+            "select": cfg.clip_select}
+
+
+def gptq_job(key: tuple, names: list[str], state_dict: dict, hessians: dict, cfg) -> dict[str, QuantTensor]:
+    """GPTQ of same-shape matrices with one rule, GPTQ_BATCH at a time."""
+    kind, group, shape, bits, clip, k = key
+    out = {}
+    for i in range(0, len(names), GPTQ_BATCH):
+        batch = names[i:i + GPTQ_BATCH]
+        h = torch.stack([hessians[n].float() for n in batch])
+        w = torch.stack([state_dict[n].detach().float().to(h.device) for n in batch])
+        if h.shape[-1] != shape[1]:
+            raise UserError(f"Hessian of {batch[0]} is {tuple(h.shape[1:])}, weight is {shape}")
+        q, scale, info = gptq_quantize_batch(w, h, bits, clip, k, cfg.damp, cfg.block_size, cfg.act_order,
+                                             **clip_options(cfg))
+        for j, n in enumerate(batch):
+            out[n] = QuantTensor(kind, shape, dtype_name(state_dict[n]), bits, q[j].cpu(), scale[j].cpu(),
+                                 info={"method": "gptq", "damp": info["damp"][j],
+                                       "damp_retries": info["damp_retries"],
+                                       "dead_columns": info["dead_columns"][j]}, group=group)
+    return out
 
 
 def quant_warnings(qm: QuantizedModel) -> list[str]:
@@ -81,45 +105,68 @@ def quant_warnings(qm: QuantizedModel) -> list[str]:
     return lines
 
 
-def matrix_section(cfg) -> str:
-    return f"q{cfg.matrix_bits}"
+def is_fit_section(section: str, cfg) -> bool:
+    """Whether a section holds the integer values at quant.matrix_bits (the fitted matrices' sections)."""
+    return section.startswith("q") and section_bits(section) == cfg.matrix_bits
 
 
-def section_value_counts(qm: QuantizedModel, bits: int, matrices: bool = True) -> torch.Tensor:
-    """Histogram of the integer values stored at `bits` (they share one section), matrices included or not."""
+def fitted_names(qm: QuantizedModel, rules: dict) -> list[str]:
+    return [n for n, t in qm.tensors.items() if t.kind != "passthrough" and rules[n].fit_ratio > 0]
+
+
+def section_value_counts(qm: QuantizedModel, bits: int, skip=()) -> torch.Tensor:
+    """Histogram of the integer values stored at `bits`, the tensors named in `skip` left out."""
     total = torch.zeros(256, dtype=torch.int64)
-    for t in qm.tensors.values():
-        if t.kind != "passthrough" and t.bits == bits and (matrices or t.kind != "matrix"):
+    for name, t in qm.tensors.items():
+        if t.kind != "passthrough" and t.bits == bits and name not in skip:
             total += value_counts(t.q).cpu()
     return total
 
 
-def search_matrix_k(state: dict[str, torch.Tensor], cfg, budget: int, codecs, ratio: float | None = None) -> dict:
-    """The smallest SDClip k for the matrices whose predicted artifact fits `budget` bytes (see quant/fit.py).
+def fit_sections_ratio(qm: QuantizedModel, cfg, codecs) -> dict:
+    """Codec ratio (compressed / entropy bytes) over the matrix-bits sections of qm, and each one's choice."""
+    streams, _ = section_streams(qm)
+    compressed, ideal, plan = 0.0, 0.0, {}
+    for name, raw in streams.items():
+        if is_fit_section(name, cfg):
+            rec = section_ratio(name, raw, codecs)
+            compressed += rec["ratio"] * rec["entropy"]
+            ideal += rec["entropy"]
+            plan[name] = (rec["layout"], rec["method"])
+    # role sections choose their byte order on the full stream at export, so they take no plan from a sample
+    return {"ratio": compressed / max(ideal, 1.0), "plan": plan if cfg.group_by == "bits" else None}
 
-    Everything but the matrix section is quantized (round-to-nearest), compressed and counted exactly; the
-    matrix section is predicted as ratio × entropy. Unless `ratio` is given it is measured on a sample of
-    the section quantized at a first guess of k (the entropy alone), since the ratio moves with k."""
-    section = matrix_section(cfg)
+
+def search_matrix_k(state: dict[str, torch.Tensor], cfg, budget: int, codecs, ratio: float | None = None) -> dict:
+    """The smallest SDClip k for the fitted matrices whose predicted artifact fits `budget` bytes (quant/fit.py).
+
+    Everything but the matrix-bits sections is quantized (round-to-nearest), compressed and counted exactly
+    (the LQER factors too); those sections are predicted as ratio × entropy, each matrix at its role's
+    share of k. Unless `ratio` is given it is measured on a sample of the sections quantized at a first
+    guess of k (the entropy alone), since the ratio moves with k."""
     rtn_cfg = dataclasses.replace(cfg, method="rtn", clip="sdclip")
+    rules = policy_table(state, rtn_cfg)
     qm0 = quantize_state(state, None, rtn_cfg)
     streams, table = section_streams(qm0)
-    other = sum(len(choose_section(name, raw, codecs)["blob"]) for name, raw in streams.items() if name != section)
+    other = sum(len(choose_section(name, raw, codecs)["blob"]) for name, raw in streams.items()
+                if not is_fit_section(name, cfg))
     header = len(json.dumps(table, separators=(",", ":"))) + 200 * (len(streams) + 1)
-    matrices = [state[n].detach().float() for n, t in qm0.tensors.items() if t.kind == "matrix"]
-    fixed = section_value_counts(qm0, cfg.matrix_bits, matrices=False)
+    names = fitted_names(qm0, rules)
+    matrices = [state[n].detach().float() for n in names]
+    ratios = [rules[n].fit_ratio for n in names]
+    fixed = section_value_counts(qm0, cfg.matrix_bits, skip=set(names))
     target = budget - cfg.fit_margin * cfg.size_cap - other - header
     if target <= 0:
         raise UserError(f"the non-matrix tensors alone take {other + header:,} B of the {budget:,} B budget")
+    fit_args = (cfg.matrix_bits, target)
+    options = {"fixed_counts": fixed, "ratios": ratios, "floor": cfg.scale_floor}
     if ratio is None:
-        guess = choose_k(matrices, cfg.matrix_bits, target, 1.0, cfg.fit_k_min, fixed)["k"]
-        at_guess = section_streams(quantize_state(state, None, rtn_cfg, matrix_k=guess))[0][section]
-        codec = section_ratio(section, at_guess, codecs)
+        guess = choose_k(matrices, *fit_args, 1.0, cfg.fit_k_min, **options)["k"]
+        codec = fit_sections_ratio(quantize_state(state, None, rtn_cfg, guess, with_lqer=False), cfg, codecs)
     else:
-        codec = {"ratio": ratio, "layout": None, "method": None}
-    choice = choose_k(matrices, cfg.matrix_bits, target, codec["ratio"], cfg.fit_k_min, fixed)
-    return {**choice, "ratio": codec["ratio"], "layout": codec["layout"], "method": codec["method"],
-            "other_bytes": other, "target_bytes": target}
+        codec = {"ratio": ratio, "plan": None}
+    choice = choose_k(matrices, *fit_args, codec["ratio"], cfg.fit_k_min, **options)
+    return {**choice, "ratio": codec["ratio"], "plan": codec["plan"], "other_bytes": other, "target_bytes": target}
 
 
 def export_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, path, code_bytes: int) -> dict:
@@ -156,20 +203,20 @@ def encode_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, cod
     fit_k, plan, matrix_k = None, None, None
     if cfg.fit_k:
         fit_k = timed_call("fit_k_s", search_matrix_k, state, cfg, budget, codecs)
-        matrix_k, plan = fit_k["k"], {matrix_section(cfg): (fit_k["layout"], fit_k["method"])}
+        matrix_k, plan = fit_k["k"], fit_k.pop("plan")
     qm = timed_call("quantize_s", quantize_state, state, hessians, cfg, matrix_k)
     blob, sections = timed_call("serialize_s", encode_artifact, qm, codecs, plan)
     if fit_k is not None:
         fit_k["bytes"] = len(blob)
         slack = cfg.fit_margin * cfg.size_cap
         if len(blob) > budget or budget - len(blob) > 3 * slack:  # the prediction missed: once more, measured
-            measured = section_bytes(sections, matrix_section(cfg))
+            measured = sum(s["length"] for s in sections if is_fit_section(s["name"], cfg))
             ratio = measured / max(entropy_bytes(section_value_counts(qm, cfg.matrix_bits)), 1.0)
             second = timed_call("fit_k_s", search_matrix_k, state, cfg, budget, codecs, ratio)
+            second.pop("plan")
             qm = timed_call("quantize_s", quantize_state, state, hessians, cfg, second["k"])
             blob, sections = timed_call("serialize_s", encode_artifact, qm, codecs, plan)
-            fit_k = {**second, "layout": fit_k["layout"], "method": fit_k["method"], "first_try": fit_k,
-                     "bytes": len(blob)}
+            fit_k = {**second, "plan": plan, "first_try": fit_k, "bytes": len(blob)}
     fit = None
     if len(blob) > budget and cfg.fit_to_budget:
         plan = {s["name"]: (s["layout"], s["method"]) for s in sections}
@@ -178,15 +225,12 @@ def encode_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, cod
             blob, sections = encode_artifact(qm, codecs, plan)
         except UserError as e:  # cannot fit: keep the artifact, the size report says it is over the cap
             fit = {"fitted": False, "reason": str(e)}
-    tensors = [{"name": n, "kind": t.kind, "shape": list(t.shape), "bits": t.bits, **t.info}
-               for n, t in qm.tensors.items()]
+    rules = policy_table(state, cfg)
+    tensors = [{"name": n, "kind": t.kind, "shape": list(t.shape), "bits": t.bits, "rule": rules[n].as_dict(),
+                **t.info} for n, t in qm.tensors.items()]
     return {"bytes": size_report(code_bytes, len(blob), cfg.size_cap), "path": None, "tensors": tensors,
             "sections": sections, "skipped_codecs": skipped, "fit": fit, "fit_k": fit_k,
             "matrix_k": qm.meta["matrix_k"], "warnings": quant_warnings(qm), "timings": timings}, blob
-
-
-def section_bytes(sections: list[dict], name: str) -> int:
-    return next(s["length"] for s in sections if s["name"] == name)
 
 
 def export_artifact(model: torch.nn.Module, hessians: dict | None, cfg, path, code_bytes: int) -> dict:

@@ -32,9 +32,35 @@ def set_qat(model: nn.Module, on: bool, bits: int | None = None, clip_k: float |
     return len(layers)
 
 
+def qat_rules(model: nn.Module, quant_cfg) -> dict:
+    """{CastedLinear: its weight's quantization rule} for the layers the policy lets QAT cover (rule.qat)."""
+    from pgolf.quant.policy import tensor_rule
+
+    model = getattr(model, "_orig_mod", model)
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, CastedLinear):
+            key = f"{name}.weight" if name else "weight"
+            rule = tensor_rule(key, tuple(m.weight.shape), True, quant_cfg)
+            if rule.qat:
+                out[m] = rule
+    return out
+
+
+@torch.no_grad()
 def set_qat_from_config(model: nn.Module, on: bool, quant_cfg, clip_k: float | None = None) -> int:
-    """set_qat with the export's bits and clip_k (default quant.sdclip_k)."""
-    return set_qat(model, on, bits=quant_cfg.matrix_bits, clip_k=quant_cfg.sdclip_k if clip_k is None else clip_k)
+    """Fake-quantize exactly the layers the export quantizes as fitted matrices, each with its rule's bits,
+    SDClip k (clip_k is the fitted matrix k: each role keeps its ratio to it) and scale floor; every other
+    CastedLinear off. Returns the number switched on (or that would be, when on is False)."""
+    rules = qat_rules(model, quant_cfg)
+    for m in casted_linears(model):
+        rule = rules.get(m)
+        if rule is None:
+            m.configure_qat(False)
+            continue
+        m.configure_qat(on, rule.bits, rule.k_at(clip_k))
+        m.qat_scale_floor = quant_cfg.scale_floor
+    return len(rules)
 
 
 def qat_clip_k(model: nn.Module, quant_cfg, code_bytes: int | None) -> float:
