@@ -299,6 +299,24 @@ def recipe_pr493() -> RunConfig:
     return cfg
 
 
+def frontier_quant(q) -> None:
+    """The 04-27 record's quantization (frontier.md §6-7) on pgolf's policy: int6 GPTQ matrices with per-role
+    SDClip sigmas, int7 GPTQ embeddings, int8 gate rows, LQER on the top 3 residuals, role-grouped sections."""
+    q.method = "gptq"
+    q.matrix_bits = 6
+    q.embed_bits = 7
+    q.clip = "sdclip"
+    q.sdclip_k = 12.85
+    q.sdclip_k_attn = 13.0
+    q.sdclip_k_mlp = 11.5
+    q.sdclip_k_embed = 14.0
+    q.gate_bits = 8
+    q.lqer_top_k, q.lqer_rank, q.lqer_a_bits, q.lqer_b_bits, q.lqer_group = 3, 4, 2, 4, 64
+    q.group_by = "role"
+    q.calib_batches = 16
+    q.fit_k = True
+
+
 def recipe_frontier() -> RunConfig:
     """The 2026-04-27 record (FineWeb 1.06108, #1 of the final leaderboard) on pgolf's fields; CaseOps SP8192 data.
 
@@ -361,20 +379,7 @@ def recipe_frontier() -> RunConfig:
     t.doc_mask = True
     t.mix_order_reduction = False
     t.calib_reserve_s = 5.0  # 16 batches through the looped model: not measured yet (record: 32 in ~5 s)
-    q = cfg.quant
-    q.method = "gptq"
-    q.matrix_bits = 6
-    q.embed_bits = 7
-    q.clip = "sdclip"
-    q.sdclip_k = 12.85
-    q.sdclip_k_attn = 13.0
-    q.sdclip_k_mlp = 11.5
-    q.sdclip_k_embed = 14.0
-    q.gate_bits = 8
-    q.lqer_top_k, q.lqer_rank, q.lqer_a_bits, q.lqer_b_bits, q.lqer_group = 3, 4, 2, 4, 64
-    q.group_by = "role"
-    q.calib_batches = 16
-    q.fit_k = True
+    frontier_quant(cfg.quant)
     e = cfg.eval
     e.sliding_stride = 64
     e.ttt = True

@@ -78,16 +78,17 @@ FIXED_KEYS = ("recipe",)
 
 
 def config_leaves(cfg, prefix: str = ""):
-    """("section.field", value) for every scalar field of the config tree, in declaration order."""
+    """("section.field", value) for every leaf field of the config tree (scalars, tuples of str), in order."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             yield from config_leaves(value, key + ".")
         elif key not in FIXED_KEYS:
-            if not isinstance(value, (bool, int, float, str)):
+            is_str_list = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+            if not (isinstance(value, (bool, int, float, str)) or is_str_list):
                 raise UserError(f"config field {key} = {value!r}: the exported script reads only bool, int, "
-                                f"float and str fields from environment variables")
+                                f"float, str and comma-separated str-list fields from environment variables")
             yield key, value
 
 
