@@ -7,6 +7,11 @@ compression and serialization come after the budget. The eval budget covers ever
 (timing keys starting with "eval_"). The size cap is code + compressed weights, in decimal bytes.
 """
 
+import contextlib
+import time
+
+from pgolf.dist import cuda_sync
+
 TRAIN_PHASE_KEYS = ("train_loop_s", "calibration_s")
 
 
@@ -55,3 +60,24 @@ def format_timing_receipt(timings: dict) -> str:
     lines.append(f"{'= train_loop + calibration':<{width}}  {sum(t.get(k, 0.0) for k in TRAIN_PHASE_KEYS):9.2f} s")
     lines.append(f"{'= eval phases':<{width}}  {sum(v for k, v in t.items() if k.startswith('eval_')):9.2f} s")
     return "\n".join(lines)
+
+
+class SecondsSplit:
+    """Where a pass's seconds went: `with split.phase("score_s"): ...` adds the block's wall seconds (the GPU
+    synchronised at both ends) to that name. The evaluation's own clock: pgolf.eval depends on no training module."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        cuda_sync()
+        t0 = time.perf_counter()
+        try:
+            yield self
+        finally:
+            cuda_sync()
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+
+    def elapsed(self, name: str) -> float:
+        return self.totals.get(name, 0.0)
