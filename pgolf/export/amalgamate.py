@@ -33,7 +33,10 @@ OPTIONAL_MODULES = {
     "pgolf.eval.sliding": "cfg.eval.sliding_stride > 0",
     "pgolf.eval.ttt": "cfg.eval.ttt",
     "pgolf.eval.warmup": "cfg.eval.precompile",
-    "pgolf.model.doc_attention": "cfg.train.doc_mask",
+    "pgolf.eval.documents": "cfg.eval.doc_isolated or cfg.eval.precompile",
+    "pgolf.eval.ttt_doc": "cfg.eval.ttt and cfg.eval.ttt_mode == 'doc_lora'",
+    "pgolf.model.doc_attention": "cfg.train.doc_mask or cfg.eval.doc_isolated or "
+                                 "(cfg.eval.ttt and cfg.eval.ttt_mode == 'doc_lora')",
     "pgolf.quant.pipeline": "cfg.quant.enabled",
     "pgolf.quant.hessian": "cfg.quant.enabled and cfg.quant.method == 'gptq' and cfg.quant.calib_batches > 0",
 }
