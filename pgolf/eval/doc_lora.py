@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from pgolf.config import EVAL_LORA_TARGETS as LORA_TARGETS
+from pgolf.config import EVAL_LORA_TARGETS
 from pgolf.errors import UserError
 
 MODULE_TARGETS = {"attn.c_q": "q", "attn.c_k": "k", "attn.c_v": "v", "attn.proj": "o", "mlp.fc": "mlp",
@@ -26,9 +26,9 @@ MODULE_TARGETS = {"attn.c_q": "q", "attn.c_k": "k", "attn.c_v": "v", "attn.proj"
 def parse_lora_targets(text: str) -> tuple[str, ...]:
     """"q,k,v,o,mlp,head" -> the tuple; a clear error for an unknown or empty list."""
     names = tuple(t.strip() for t in text.split(",") if t.strip())
-    bad = [t for t in names if t not in LORA_TARGETS]
+    bad = [t for t in names if t not in EVAL_LORA_TARGETS]
     if bad or not names:
-        raise UserError(f"eval.ttt_lora_targets={text!r}: give a comma list of {','.join(LORA_TARGETS)}")
+        raise UserError(f"eval.ttt_lora_targets={text!r}: give a comma list of {','.join(EVAL_LORA_TARGETS)}")
     return names
 
 
