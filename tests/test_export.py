@@ -184,7 +184,8 @@ def test_generated_script_parses_and_imports_only_allowed_packages(tiny_script):
     assert "pgolf.eval.ttt" in info["modules"]
     doc_lora = "cfg.eval.ttt and cfg.eval.ttt_mode == 'doc_lora'"
     assert info["left_out"] == {"pgolf.export.amalgamate": "False", "pgolf.eval.ttt_doc": doc_lora,
-                                "pgolf.model.doc_attention": f"cfg.train.doc_mask or cfg.eval.doc_isolated or ({doc_lora})"}
+                                "pgolf.model.doc_attention":
+                                    f"cfg.train.doc_mask or cfg.eval.doc_isolated or ({doc_lora})"}
     assert source.rstrip().endswith("sys.exit(main())")
     wrapped = wrap_compressed(source)
     assert len(wrapped) < len(source) and wrapped.count("\n") == 2

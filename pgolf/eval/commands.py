@@ -30,8 +30,10 @@ def eval_resolve_artifact(path: Path) -> Path:
     return path
 
 
-def eval_load_config(artifact: Path, recipe: str, config_path: str, overrides: list[str], data: str) -> RunConfig:
-    """RunConfig from --recipe, --config, or the config.json beside the artifact; then --set and --data."""
+def eval_load_config(artifact: Path, recipe: str, config_path: str, overrides: list[str], data: str,
+                     eval_recipe: str = "") -> RunConfig:
+    """RunConfig from --recipe, --config, or the config.json beside the artifact; then --eval-recipe (that
+    recipe's eval settings, e.g. to score an older run the way its recipe scores now), --data and --set."""
     if recipe and config_path:
         raise UserError("give --recipe or --config, not both")
     if recipe:
@@ -46,6 +48,10 @@ def eval_load_config(artifact: Path, recipe: str, config_path: str, overrides: l
             cfg = config_from_dict(json.loads(path.read_text()))
         except json.JSONDecodeError:
             raise UserError(f"{path}: not valid JSON") from None
+    if eval_recipe:
+        from pgolf.recipes import get_recipe
+
+        cfg.eval = get_recipe(eval_recipe).eval
     if data:
         cfg.data.path = data
     return apply_overrides(cfg, overrides)
@@ -128,7 +134,7 @@ def cmd_eval(args) -> int:
     from pgolf.dist import destroy_distributed, init_distributed, is_dist_active
 
     artifact = eval_resolve_artifact(Path(args.artifact))
-    cfg = eval_load_config(artifact, args.recipe, args.config, args.overrides, args.data)
+    cfg = eval_load_config(artifact, args.recipe, args.config, args.overrides, args.data, args.eval_recipe)
     owned = not is_dist_active()
     denv = init_distributed(eval_device(cfg).type)
     try:
@@ -230,7 +236,7 @@ def cmd_check(args) -> int:
 
     target = Path(args.artifact)
     artifact = eval_resolve_artifact(target)
-    cfg = eval_load_config(artifact, args.recipe, args.config, args.overrides, args.data)
+    cfg = eval_load_config(artifact, args.recipe, args.config, args.overrides, args.data, args.eval_recipe)
     seq_len = args.seq_len or cfg.eval.seq_len or cfg.train.seq_len
     n_tokens = args.tokens or 4 * seq_len + 1
     tokens, lut, data_check = eval_load_data(cfg, n_tokens)
@@ -265,6 +271,7 @@ def add_eval_shared_args(p) -> None:
     p.add_argument("--data", default="", help="folder with the val shards and tokenizer (default: data.path)")
     p.add_argument("--recipe", default="", help="build the model from this recipe instead of a config.json")
     p.add_argument("--config", default="", help="RUN_DIR/config.json (default: the one beside the artifact)")
+    p.add_argument("--eval-recipe", default="", help="take the eval.* settings of this recipe (before --set)")
     add_override_argument(p)
 
 
