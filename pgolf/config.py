@@ -197,6 +197,21 @@ class EvalConfig:
     ttt_grad_clip: float = 1.0
     ttt_lora_rank: int = 8
     ttt_time_limit_s: float = 0.0  # 0 = none; past it the remaining chunks are scored without adapting
+    ttt_stride: int = 0  # stream TTT window stride; 0 = sliding_stride or seq_len (sliding_stride=0: TTT alone scores)
+    doc_isolated: bool = False  # plain / sliding passes: document-masked attention, no context crosses a BOS
+    # ttt_mode=doc_lora (pgolf.eval.ttt_doc): per-document LoRA, score-first on chunks, phased global SGD
+    ttt_doc_chunk: int = 48  # predictions per chunk of a document
+    ttt_doc_batch: int = 64  # documents adapted side by side (one adapter slot each)
+    ttt_lora_alpha: float = 144.0  # adapter scale alpha / ttt_lora_rank
+    ttt_lora_targets: str = "q,k,v,o,mlp,head"  # comma list of EVAL_LORA_TARGETS
+    ttt_warm_a: bool = True  # keep each slot's A from its previous document (B and AdamW state reset)
+    ttt_adam_beta2: float = 0.99  # the adapters' AdamW (beta1 0, eps 1e-10, lr ttt_lr)
+    ttt_weight_decay: float = 0.5  # the adapters' decoupled weight decay
+    ttt_phases: int = 3  # global SGD phases over the scored prefix; 0 = none
+    ttt_prefix_frac: float = 0.05  # the prefix, a fraction of the documents in queue order (record: 2500 / 50000)
+    ttt_global_lr: float = 0.001  # global SGD, cosine over its chunks
+    ttt_global_momentum: float = 0.9
+    ttt_global_chunk_tokens: int = 32_768  # tokens per global SGD step
     time_budget_s: float = 600.0
 
 
@@ -314,6 +329,8 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduc
 EVAL_COMPILE_SCOPES = ("model", "blocks")
 
 
+# What eval.ttt_mode=doc_lora adapts (pgolf.eval.doc_lora): attention q, k, v, o; the MLP; the LM head.
+EVAL_LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")
 ATTENTION_KERNELS = ("auto", "fa3", "cudnn", "flash", "efficient", "math")
 # The string fields that take one of a fixed set of values (quant.codec's names are pgolf.quant.pipeline's).
 FIELD_CHOICES = {
@@ -332,7 +349,7 @@ FIELD_CHOICES = {
     "quant.clip_select": ("row", "matrix"),
     "quant.group_by": ("bits", "role"),
     "quant.codec": ("auto", "zlib", "lzma", "zstd", "brotli"),
-    "eval.ttt_mode": ("sgd", "lora"),
+    "eval.ttt_mode": ("sgd", "lora", "doc_lora"),
     "eval.compile_scope": EVAL_COMPILE_SCOPES,
 }
 
@@ -411,6 +428,12 @@ FIELD_RANGES = {
     "eval.ttt_batch_seqs": RANGE_AT_LEAST_ONE, "eval.ttt_grad_clip": RANGE_NON_NEGATIVE,
     "eval.ttt_lora_rank": RANGE_AT_LEAST_ONE, "eval.ttt_time_limit_s": RANGE_NON_NEGATIVE,
     "eval.time_budget_s": RANGE_NON_NEGATIVE,
+    "eval.ttt_stride": RANGE_NON_NEGATIVE, "eval.ttt_doc_chunk": RANGE_AT_LEAST_ONE,
+    "eval.ttt_doc_batch": RANGE_AT_LEAST_ONE, "eval.ttt_lora_alpha": RANGE_POSITIVE,
+    "eval.ttt_adam_beta2": RANGE_DECAY, "eval.ttt_weight_decay": RANGE_NON_NEGATIVE,
+    "eval.ttt_phases": RANGE_NON_NEGATIVE, "eval.ttt_prefix_frac": RANGE_FRACTION,
+    "eval.ttt_global_lr": RANGE_NON_NEGATIVE, "eval.ttt_global_momentum": RANGE_DECAY,
+    "eval.ttt_global_chunk_tokens": RANGE_AT_LEAST_ONE,
 }
 
 
@@ -460,6 +483,7 @@ def config_relations(cfg: RunConfig) -> list[tuple[bool, str]]:
     m, t, q, e = cfg.model, cfg.train, cfg.quant, cfg.eval
     head_dim = m.model_dim // m.num_heads
     eval_seq = e.seq_len or t.seq_len
+    lora_targets = [x.strip() for x in e.ttt_lora_targets.split(",") if x.strip()]
     return [
         (m.model_dim % m.num_heads == 0,
          f"model.model_dim={m.model_dim} must be a multiple of model.num_heads={m.num_heads}"),
@@ -502,4 +526,8 @@ def config_relations(cfg: RunConfig) -> list[tuple[bool, str]]:
         (overrides_error(q) is None, overrides_error(q) or ""),
         (e.val_tokens == 0 or e.val_tokens >= 2,
          f"eval.val_tokens={e.val_tokens} must be 0 (the whole validation split) or at least 2"),
+        (e.ttt_stride <= eval_seq,
+         f"eval.ttt_stride={e.ttt_stride} exceeds the evaluation's sequence length {eval_seq}"),
+        (bool(lora_targets) and set(lora_targets) <= set(EVAL_LORA_TARGETS),
+         f"eval.ttt_lora_targets={e.ttt_lora_targets!r} must be a comma list of {','.join(EVAL_LORA_TARGETS)}"),
     ]

@@ -317,6 +317,29 @@ def frontier_quant(q) -> None:
     q.fit_k = True
 
 
+def frontier_eval(e) -> None:
+    """The 04-27 record's evaluation (frontier.md §8): documents scored alone, per-document LoRA TTT with
+    phased global SGD as the only scoring pass."""
+    e.doc_isolated = True  # the plain (round trip) pass scores each document alone, as the record's eval_val
+    e.sliding_stride = 0  # TTT is the only scoring pass (seed-systems M8)
+    e.ttt = True
+    e.ttt_mode = "doc_lora"  # frontier.md §8: per-document LoRA, score-first chunks of 48, phased global SGD
+    e.ttt_lr = 1e-4
+    e.ttt_lora_rank = 80
+    e.ttt_lora_alpha = 144.0
+    e.ttt_doc_chunk = 48
+    e.ttt_doc_batch = 64
+    e.ttt_adam_beta2 = 0.99
+    e.ttt_weight_decay = 0.5
+    e.ttt_phases = 3
+    e.ttt_prefix_frac = 0.05  # 2,500 of 50,000 documents, scaled to the validation split
+    e.ttt_global_lr = 0.001
+    e.ttt_global_momentum = 0.9
+    e.ttt_global_chunk_tokens = 32_768
+    e.precompile = True
+    e.compile_scope = "model"
+
+
 def recipe_frontier() -> RunConfig:
     """The 2026-04-27 record (FineWeb 1.06108, #1 of the final leaderboard) on pgolf's fields; CaseOps SP8192 data.
 
@@ -327,8 +350,9 @@ def recipe_frontier() -> RunConfig:
       together (ratios kept) to fill the cap (quant.fit_k), where the record fixes them; role-grouped
       sections with reordered rows through brotli / lzma in place of the record's lrzip per group;
       calibration inside the timed budget (train.calib_reserve_s), where the record reserves 0.5 s;
-    - evaluation: pgolf's sliding window and stream TTT, in place of the record's per-document LoRA TTT with
-      phased global SGD (its own issue); scoring is not document-isolated yet;
+    - evaluation: document-isolated scoring and the record's phased per-document LoRA TTT (pgolf.eval.ttt_doc)
+      as the only scored pass; pgolf's adapters sit on each linear map (the record's O and MLP adapters run
+      parallel to the whole attention / MLP) and a looped layer shares one adapter across its passes;
     - document masking: (B, T) rows cut at their ends, where the record packs one flat row per GPU and cuts
       documents at 2,048 tokens from their start (pgolf.model.doc_attention says why);
     - tok_emb is trained in float32 (the record trains it in bf16); grad clip by the exact global norm of the
@@ -380,12 +404,7 @@ def recipe_frontier() -> RunConfig:
     t.mix_order_reduction = False
     t.calib_reserve_s = 5.0  # 16 batches through the looped model: not measured yet (record: 32 in ~5 s)
     frontier_quant(cfg.quant)
-    e = cfg.eval
-    e.sliding_stride = 64
-    e.ttt = True
-    e.ttt_lr = 0.005
-    e.precompile = True
-    e.compile_scope = "model"
+    frontier_eval(cfg.eval)
     return cfg
 
 

@@ -158,6 +158,7 @@ class TimingsRecord(RecordSection):
     calibration_s: float | None = None
     quantize_s: float | None = None
     serialize_s: float | None = None
+    eval_decompress_s: float | None = None  # the evaluation's read of the artifact (decompress + dequantize)
     eval_plain_s: float | None = None
     eval_sliding_s: float | None = None
     eval_ttt_s: float | None = None
@@ -179,6 +180,7 @@ class EvalRecord(RecordSection):
 class ComplianceRecord(RecordSection):
     train_plus_calibration_s: float | None = None
     eval_s: float | None = None
+    eval_with_warmup_s: float | None = None  # eval_s plus the eval graphs' compile warm-up
     bytes_total: int | None = None
     legality: dict = field(default_factory=dict)  # check name -> passed
     checks: list | None = None  # pgolf.eval.receipts.compliance_summary's rows

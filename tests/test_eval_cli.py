@@ -87,3 +87,33 @@ def test_eval_on_two_gloo_ranks_matches_one_rank(run_dir, tmp_path):
         assert (rb["tokens"], rb["bytes"]) == (ra["tokens"], ra["bytes"]), name
         assert rb["nll_sum"] == pytest.approx(ra["nll_sum"], rel=1e-6), name
         assert rb["val_bpb"] == pytest.approx(ra["val_bpb"], rel=1e-6), name
+
+
+def test_eval_of_a_pgq_with_the_frontier_eval_scores_documents_and_receipts_everything(run_dir, capsys):
+    import sentencepiece as spm
+
+    from pgolf.quant.pipeline import export_artifact
+
+    run, data = run_dir
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_1024))
+    ids = []
+    for text in ("The quick brown fox jumps.", "Over the lazy dog, twice over.", "A third and longer document "
+                 "about foxes and dogs and what they do all day.", "Short one."):
+        ids += [sp.bos_id()] + sp.encode(text)
+    write_shard(data / "fineweb_val_000000.bin", np.array(ids, dtype=np.uint16))
+    cfg = recipe_tiny()
+    apply_overrides(cfg, SETS[1::2])
+    torch.manual_seed(0)
+    export_artifact(GPT(cfg.model), None, cfg.quant, run / "model.pgq", 0)
+    sets = ["eval.ttt_doc_chunk=8", "eval.ttt_doc_batch=2", "eval.ttt_lora_rank=4", "eval.ttt_prefix_frac=0.5"]
+    assert main(["eval", str(run / "model.pgq"), "--data", str(data), "--eval-recipe", "frontier"]
+                + [x for kv in sets for x in ("--set", kv)]) == 0
+    out = capsys.readouterr().out
+    assert "receipt (seconds)" in out and "read + decompress + dequantize" in out and "pass: ttt" in out
+    report = json.loads((run / "eval.json").read_text())
+    assert set(report["results"]) == {"plain", "ttt"}  # no sliding pass: TTT is the score
+    ttt = report["results"]["ttt"]
+    assert ttt["documents"] == 4 and ttt["phases"] >= 1 and ttt["tokens"] == len(ids) - 1
+    receipt = report["receipt"]
+    assert receipt["total_s"] == pytest.approx(sum(v for k, v in receipt.items() if k != "total_s"))
+    assert {"setup_load_s", "setup_compile_warmup_s", "eval_plain_s", "eval_ttt_s"} <= set(receipt)

@@ -258,7 +258,10 @@ def test_generated_script_parses_and_imports_only_allowed_packages(tiny_script):
     assert "pgolf" not in roots and "pgolf" not in source.split("import")
     assert roots - set(sys.stdlib_module_names) <= ALLOWED_ROOTS
     assert "pgolf.eval.ttt" in info["modules"]
-    assert info["left_out"] == {"pgolf.export.amalgamate": "never", "pgolf.model.doc_attention": "cfg.train.doc_mask"}
+    doc_lora = "cfg.eval.ttt and cfg.eval.ttt_mode == 'doc_lora'"
+    assert info["left_out"] == {"pgolf.export.amalgamate": "never", "pgolf.eval.doc_lora": doc_lora,
+                                "pgolf.eval.ttt_doc": doc_lora, "pgolf.model.doc_attention":
+                                    "cfg.train.doc_mask or cfg.eval.doc_isolated or cfg.eval.ttt_mode == 'doc_lora'"}
     assert source.rstrip().endswith("sys.exit(script_main(Hyperparameters, __file__))")
     wrapped = wrap_compressed(source)
     assert len(wrapped) < len(source) and wrapped.count("\n") == 2

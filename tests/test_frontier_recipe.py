@@ -38,6 +38,10 @@ def test_frontier_recipe_carries_the_record_settings():
     assert (o.muon_wd, o.embed_wd, o.scalar_wd) == (0.095, 0.085, 0.02)
     assert (t.warmdown_frac, t.min_lr, t.ema_decay, t.doc_mask) == (0.85, 0.1, 0.9965, True)
     assert (q.matrix_bits, q.embed_bits, q.calib_batches) == (6, 7, 16)
+    e = cfg.eval  # frontier.md §8: document-isolated, per-document LoRA phased TTT as the only scored pass
+    assert e.doc_isolated and e.ttt and e.ttt_mode == "doc_lora" and e.sliding_stride == 0
+    assert (e.ttt_lora_rank, e.ttt_lora_alpha, e.ttt_doc_chunk, e.ttt_doc_batch, e.ttt_lr) == (80, 144.0, 48, 64, 1e-4)
+    assert (e.ttt_phases, e.ttt_prefix_frac, e.ttt_global_lr, e.ttt_global_momentum) == (3, 0.05, 0.001, 0.9)
 
 
 @pytest.mark.shared

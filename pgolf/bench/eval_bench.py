@@ -1,7 +1,8 @@
 """Evaluation throughput: tokens/s of pgolf.eval's sliding-window and score-first TTT evaluations.
 
-Each evaluation runs as a run's finish does: the uncompiled model, eval.seq_len (or train.seq_len), the
-EvalConfig's stride, batch sizes, chunks and epochs, windows split over the ranks. The stream is the first
+Each evaluation runs as a run's finish does, through the same PassSpec (pgolf.eval.runner): the uncompiled
+model, eval.seq_len (or train.seq_len), the EvalConfig's stride, batch sizes, chunks and epochs, eval.compile
+and eval.doc_isolated, windows split over the ranks. The stream is the first
 n tokens of the validation shards, or seeded random tokens without data. One short untimed pass first warms
 up kernels and allocations (for TTT it covers one adapted chunk). Bytes come from a table of one byte per
 token: a benchmark's bpb means nothing, so none is reported. tokens/s = scored target tokens / seconds.
@@ -22,8 +23,6 @@ from pgolf.data.bytes import ByteLUT
 from pgolf.data.loader import load_val_tokens
 from pgolf.data.shards import FILE_AUDIT
 from pgolf.dist import DistEnv, cuda_sync
-from pgolf.eval.sliding import evaluate_sliding
-from pgolf.eval.ttt import evaluate_ttt
 from pgolf.eval.warmup import warm_configured_eval
 
 
@@ -53,18 +52,29 @@ def timed_throughput(run) -> dict:
     return {"tokens": res["tokens"], "seconds": seconds, "tokens_per_s": res["tokens"] / seconds, "result": res}
 
 
+def configured_pass(cfg: RunConfig, name: str):
+    """The PassSpec `name` of the config's passes (pgolf.eval.runner): the same spec a run's finish scores with,
+    eval.compile and eval.doc_isolated included."""
+    from pgolf.eval.runner import passes_from_config
+
+    return {spec.name: spec for spec in passes_from_config(cfg)}[name]
+
+
+def bench_pass(model, cfg: RunConfig, tokens: torch.Tensor, denv: DistEnv, name: str, warm_tokens: int) -> tuple:
+    """One untimed short run of the pass, then the timed one: (throughput dict, the pass's result)."""
+    from pgolf.eval.runner import run_pass
+
+    spec = configured_pass(cfg, name)
+    lut = uniform_byte_lut(cfg.model.vocab_size)
+    run_pass(model, tokens[:warm_tokens], lut, spec, denv.rank, denv.world_size)
+    out = timed_throughput(lambda: run_pass(model, tokens, lut, spec, denv.rank, denv.world_size))
+    return out, out.pop("result")
+
+
 def bench_sliding(model, cfg: RunConfig, tokens: torch.Tensor, denv: DistEnv) -> dict:
     e = cfg.eval
     seq_len = e.seq_len or cfg.train.seq_len
-    lut = uniform_byte_lut(cfg.model.vocab_size)
-
-    def run(stream):
-        return evaluate_sliding(model, stream, lut, seq_len, e.sliding_stride, e.batch_seqs, denv.rank,
-                                denv.world_size, compile_scope=e.compile_scope)
-
-    run(tokens[: seq_len + e.sliding_stride * e.batch_seqs + 1])
-    out = timed_throughput(lambda: run(tokens))
-    res = out.pop("result")
+    out, res = bench_pass(model, cfg, tokens, denv, "sliding", seq_len + e.sliding_stride * e.batch_seqs + 1)
     out.update({"seq_len": seq_len, "stride": e.sliding_stride, "batch_seqs": e.batch_seqs,
                 "windows": res["windows"], "compile_s": res["compile_s"]})
     return out
@@ -73,15 +83,13 @@ def bench_sliding(model, cfg: RunConfig, tokens: torch.Tensor, denv: DistEnv) ->
 def bench_ttt(model, cfg: RunConfig, tokens: torch.Tensor, denv: DistEnv) -> dict:
     e = cfg.eval
     seq_len = e.seq_len or cfg.train.seq_len
-    lut = uniform_byte_lut(cfg.model.vocab_size)
-
-    def run(stream):
-        return evaluate_ttt(model, stream, lut, e, seq_len, denv.rank, denv.world_size)
-
-    run(tokens[: e.ttt_chunk_tokens + seq_len + 1])
-    out = timed_throughput(lambda: run(tokens))
-    res = out.pop("result")
-    out.update({"seq_len": seq_len, "stride": e.sliding_stride or seq_len, "mode": e.ttt_mode,
+    if e.ttt_mode == "doc_lora":
+        out, res = bench_pass(model, cfg, tokens, denv, "ttt", seq_len + 1)
+        out.update({"seq_len": seq_len, "mode": e.ttt_mode, "chunk": e.ttt_doc_chunk, "doc_batch": e.ttt_doc_batch})
+        out.update({k: res[k] for k in ("documents", "phases", "updates", "score_adapt_s", "global_s")})
+        return out
+    out, res = bench_pass(model, cfg, tokens, denv, "ttt", e.ttt_chunk_tokens + seq_len + 1)
+    out.update({"seq_len": seq_len, "stride": e.ttt_stride or e.sliding_stride or seq_len, "mode": e.ttt_mode,
                 "epochs": e.ttt_epochs, "chunk_tokens": e.ttt_chunk_tokens, "chunks": res["chunks"],
                 "adapted_chunks": res["adapted_chunks"], "updates": res["updates"]})
     out.update({k: res[k] for k in ("compile_s", "score_s", "adapt_first_chunk_s", "adapt_s")})

@@ -30,8 +30,10 @@ def eval_resolve_artifact(path: Path) -> Path:
     return path
 
 
-def eval_load_config(artifact: Path, recipe: str, config_path: str, overrides: list[str], data: str) -> RunConfig:
-    """RunConfig from --recipe, --config, or the config.json beside the artifact; then --set and --data."""
+def eval_load_config(artifact: Path, recipe: str, config_path: str, overrides: list[str], data: str,
+                     eval_recipe: str = "") -> RunConfig:
+    """RunConfig from --recipe, --config, or the config.json beside the artifact; then --eval-recipe (that
+    recipe's eval settings, e.g. to score an older run the way its recipe scores now), --data and --set."""
     if recipe and config_path:
         raise UserError("give --recipe or --config, not both")
     if recipe:
@@ -46,6 +48,10 @@ def eval_load_config(artifact: Path, recipe: str, config_path: str, overrides: l
             cfg = config_from_dict(json.loads(path.read_text()))
         except json.JSONDecodeError:
             raise UserError(f"{path}: not valid JSON") from None
+    if eval_recipe:
+        from pgolf.recipes import get_recipe
+
+        cfg.eval = get_recipe(eval_recipe).eval
     if data:
         cfg.data.path = data
     return apply_overrides(cfg, overrides)
@@ -104,26 +110,10 @@ def eval_device(cfg: RunConfig) -> torch.device:
 
 
 def evaluate_configured(model, val_tokens, lut, cfg: RunConfig, rank: int = 0, world_size: int = 1) -> dict:
-    """plain always, sliding when eval.sliding_stride > 0, TTT when eval.ttt; {name: result} (no traces)."""
-    from pgolf.eval.bpb import evaluate_plain
-    from pgolf.eval.scoring import scorer_for
-    from pgolf.eval.sliding import evaluate_sliding
-    from pgolf.eval.ttt import evaluate_ttt
+    """The passes cfg asks for (pgolf.eval.runner.passes_from_config), through the runner; {name: result}."""
+    from pgolf.eval.runner import passes_from_config, run_passes
 
-    e = cfg.eval
-    seq_len = e.seq_len or cfg.train.seq_len
-    scorer = scorer_for(e)
-    scope = e.compile_scope
-    out = {"plain": evaluate_plain(model, val_tokens, lut, seq_len, e.batch_seqs, rank, world_size, scorer=scorer,
-                                   compile_scope=scope)}
-    if e.sliding_stride > 0:
-        out["sliding"] = evaluate_sliding(model, val_tokens, lut, seq_len, e.sliding_stride, e.batch_seqs, rank,
-                                          world_size, scorer=scorer, compile_scope=scope)
-    if e.ttt:
-        res = evaluate_ttt(model, val_tokens, lut, e, seq_len, rank, world_size)
-        res.pop("trace")
-        out["ttt"] = res
-    return out
+    return run_passes(model, val_tokens, lut, passes_from_config(cfg), rank, world_size).as_dict()
 
 
 def format_eval_table(results: dict) -> str:
@@ -144,7 +134,7 @@ def cmd_eval(args) -> int:
     from pgolf.dist import destroy_distributed, init_distributed, is_dist_active
 
     artifact = eval_resolve_artifact(Path(args.artifact))
-    cfg = eval_load_config(artifact, args.recipe, args.config, args.overrides, args.data)
+    cfg = eval_load_config(artifact, args.recipe, args.config, args.overrides, args.data, args.eval_recipe)
     owned = not is_dist_active()
     denv = init_distributed(eval_device(cfg).type)
     try:
@@ -154,32 +144,55 @@ def cmd_eval(args) -> int:
             destroy_distributed()
 
 
+def eval_receipt(setup: dict, run) -> dict:
+    """Every second of the evaluation: the setup (artifact read, decompressed and dequantized; compiler import;
+    the compile warm-up on random tokens) and every pass, with the total of all of them."""
+    rows = {f"setup_{k}": v for k, v in setup.items()}
+    rows.update(run.timings)
+    rows["total_s"] = sum(rows.values())
+    return rows
+
+
+def format_eval_receipt(receipt: dict) -> str:
+    names = {"setup_load_s": "setup: read + decompress + dequantize the artifact",
+             "setup_compiler_import_s": "setup: compiler import", "setup_compile_warmup_s":
+             "setup: compile warm-up (random tokens)", "total_s": "= the whole evaluation"}
+    lines = ["receipt (seconds)"]
+    for k, v in receipt.items():
+        label = names.get(k, f"pass: {k[len('eval_'):-2]}" if k.startswith("eval_") else k)
+        lines.append(f"  {label:<52} {v:8.1f}")
+    return "\n".join(lines)
+
+
 def eval_and_report(args, artifact: Path, cfg: RunConfig, denv) -> int:
+    from pgolf.eval.runner import passes_from_config, run_passes
     from pgolf.eval.scoring import load_compiler, scorer_for
     from pgolf.eval.warmup import warm_configured_eval
 
     tokens, lut, data_check = eval_load_data(cfg, args.max_tokens or cfg.eval.val_tokens)
     if data_check["note"] and denv.is_main:
         print(f"warning: {data_check['note']}")
+    t_load = time.perf_counter()
     model = eval_load_model(artifact, cfg, denv.device)
-    compiler_import_s = load_compiler(scorer_for(cfg.eval), denv.device)
+    setup = {"load_s": time.perf_counter() - t_load,
+             "compiler_import_s": load_compiler(scorer_for(cfg.eval), denv.device)}
     warm = warm_configured_eval(model, cfg, denv.rank, denv.world_size)
+    setup["compile_warmup_s"] = warm["seconds"]
     t0 = time.perf_counter()
-    results = evaluate_configured(model, tokens, lut, cfg, denv.rank, denv.world_size)
+    run = run_passes(model, tokens, lut, passes_from_config(cfg), denv.rank, denv.world_size)
     if not denv.is_main:
         return 0
+    results = run.as_dict()
+    receipt = eval_receipt(setup, run)
     print(format_eval_table(results))
-    if compiler_import_s:
-        print(f"setup: compiler imported in {compiler_import_s:.1f} s before the passes (a training process "
-              "has it imported before its evaluation)")
+    print(format_eval_receipt(receipt))
     if warm["seconds"]:
-        print(f"setup: the passes' graphs compiled in {warm['seconds']:.1f} s before them, on random tokens "
-              f"(eval.precompile; `pgolf train` does this in its untimed warm-up): scoring {warm['scoring']}, "
+        print(f"setup: compiled before the passes (eval.precompile): scoring {warm['scoring']}, "
               f"TTT step {warm['ttt_step']}")
     report = {"artifact": str(artifact), "config_hash": config_hash(cfg), "val_tokens": int(tokens.numel()),
-              "world_size": denv.world_size, "results": results, "setup_compiler_import_s": compiler_import_s,
-              "setup_compile_warmup_s": warm["seconds"],
-              "timings": {f"eval_{k}_s": v["seconds"] for k, v in results.items()},
+              "world_size": denv.world_size, "results": results, "setup_compiler_import_s": setup["compiler_import_s"],
+              "setup_compile_warmup_s": warm["seconds"], "setup_load_s": setup["load_s"],
+              "timings": run.timings, "receipt": receipt,
               "seconds": time.perf_counter() - t0, "data_manifest": data_check}
     out = Path(args.out) if args.out else artifact.parent / "eval.json"
     try:
@@ -200,51 +213,54 @@ def check_audit_for(target: Path):
     return (read_file_audit(path) if path.is_file() else None), run_dir
 
 
+def check_passes(cfg: RunConfig, seq_len: int, n_tokens: int) -> dict:
+    """{name: PassSpec} of the configured passes, cut to the check's short stream: seq_len, strides within it,
+    a few TTT chunks inside the stream (so that adaptation happens between scored chunks), no time limit, and
+    for document TTT a prefix of half the documents (so that the global phases run too)."""
+    from pgolf.eval.runner import passes_from_config
+
+    e = cfg.eval
+    ttt_cfg = dataclasses.replace(e, ttt_chunk_tokens=max(seq_len, math.ceil(n_tokens / 4)), ttt_time_limit_s=0.0,
+                                  ttt_prefix_frac=max(e.ttt_prefix_frac, 0.5))
+    specs = {}
+    for spec in passes_from_config(cfg):
+        stride = min(spec.stride, seq_len) or (seq_len if spec.kind == "ttt" else 0)
+        specs[spec.name] = dataclasses.replace(spec, seq_len=seq_len, stride=stride,
+                                               eval_cfg=ttt_cfg if spec.eval_cfg is not None else None)
+    return specs
+
+
 def cmd_check(args) -> int:
-    from pgolf.eval.bpb import evaluate_plain
     from pgolf.eval.legality import check_run_audit, format_check_table, run_legality_checks
-    from pgolf.eval.scoring import scorer_for
-    from pgolf.eval.sliding import evaluate_sliding
-    from pgolf.eval.ttt import evaluate_ttt
+    from pgolf.eval.runner import run_pass
 
     target = Path(args.artifact)
     artifact = eval_resolve_artifact(target)
-    cfg = eval_load_config(artifact, args.recipe, args.config, args.overrides, args.data)
-    e = cfg.eval
-    seq_len = args.seq_len or e.seq_len or cfg.train.seq_len
+    cfg = eval_load_config(artifact, args.recipe, args.config, args.overrides, args.data, args.eval_recipe)
+    seq_len = args.seq_len or cfg.eval.seq_len or cfg.train.seq_len
     n_tokens = args.tokens or 4 * seq_len + 1
     tokens, lut, data_check = eval_load_data(cfg, n_tokens)
     if data_check["note"]:
         print(f"warning: {data_check['note']}")
-    device = eval_device(cfg)
-    state_model = eval_load_model(artifact, cfg, device)
+    state_model = eval_load_model(artifact, cfg, eval_device(cfg))
 
     def make_model():
-        return state_model  # every method evaluates it read-only (TTT adapts a deep copy)
+        return state_model  # every pass evaluates it read-only (TTT adapts a deep copy)
 
-    stride = min(e.sliding_stride, seq_len) or seq_len
-    # a few chunks inside the short stream, so that adaptation happens between scored chunks
-    ttt_cfg = dataclasses.replace(e, ttt_chunk_tokens=max(seq_len, math.ceil(tokens.numel() / 4)),
-                                  sliding_stride=stride, ttt_time_limit_s=0.0)
-    scorer = scorer_for(e)  # the path the evaluations take (a short check stream stays below the compile count)
-    scope = e.compile_scope
-    methods = {"plain": lambda m, t, lu, **kw: evaluate_plain(m, t, lu, seq_len, e.batch_seqs, scorer=scorer,
-                                                              compile_scope=scope, **kw)}
-    if e.sliding_stride > 0:
-        methods["sliding"] = lambda m, t, lu, **kw: evaluate_sliding(m, t, lu, seq_len, stride, e.batch_seqs,
-                                                                     scorer=scorer, compile_scope=scope, **kw)
-    if e.ttt:
-        methods["ttt"] = lambda m, t, lu, **kw: evaluate_ttt(m, t, lu, ttt_cfg, seq_len, **kw)
+    specs = check_passes(cfg, seq_len, tokens.numel())
     if args.method != "all":
-        if args.method not in methods:
+        if args.method not in specs:
             raise UserError(f"--method {args.method}: not configured (eval.sliding_stride / eval.ttt)")
-        methods = {args.method: methods[args.method]}
+        specs = {args.method: specs[args.method]}
     audit, run_dir = check_audit_for(target)
     audit_row = check_run_audit(audit, cfg.data.val_pattern, run_dir)  # the training's reads, not this process's
     failed = 0
-    for name, fn in methods.items():
-        results = run_legality_checks(make_model, tokens, lut, fn, audit_row=audit_row)
-        print(f"== {name} ({tokens.numel()} val tokens, seq_len {seq_len})")
+    for name, spec in specs.items():
+        def eval_fn(m, t, lu, spec=spec, **kw):
+            return run_pass(m, t, lu, spec, **kw)
+
+        results = run_legality_checks(make_model, tokens, lut, eval_fn, audit_row=audit_row)
+        print(f"== {name} ({spec.kind}, {tokens.numel()} val tokens, seq_len {seq_len})")
         print(format_check_table(results))
         failed += sum(not r.passed for r in results)
     print(f"{'FAIL' if failed else 'PASS'}: {failed} failed check(s)")
@@ -255,6 +271,7 @@ def add_eval_shared_args(p) -> None:
     p.add_argument("--data", default="", help="folder with the val shards and tokenizer (default: data.path)")
     p.add_argument("--recipe", default="", help="build the model from this recipe instead of a config.json")
     p.add_argument("--config", default="", help="RUN_DIR/config.json (default: the one beside the artifact)")
+    p.add_argument("--eval-recipe", default="", help="take the eval.* settings of this recipe (before --set)")
     add_override_argument(p)
 
 

@@ -83,6 +83,19 @@ class ScoreProbe:
         return abs(total - 1.0), abs(prefix - scored)
 
 
+def scored_before(base: dict, t: int) -> torch.Tensor:
+    """The targets a flip of token t must leave unchanged: those before t that were scored no later than t
+    was (by "per_token_score_step" where the method scores out of stream order, document TTT's queue; else
+    every target 1 .. t - 1). A target scored after t may move: score-first adaptation used t by then."""
+    n = base["per_token_nll"].numel()
+    earlier = torch.zeros(n, dtype=torch.bool)
+    earlier[1:t] = True
+    step = base.get("per_token_score_step")
+    if step is not None:
+        earlier &= step <= step[t]
+    return earlier
+
+
 def check_causality(make_model, val_tokens, lut, eval_fn, base: dict, flip_positions, vocab_size: int,
                     atol: float, probe: ScoreProbe, prefix_tol: float) -> CheckResult:
     worst, where, later_changed = 0.0, None, 0
@@ -91,10 +104,11 @@ def check_causality(make_model, val_tokens, lut, eval_fn, base: dict, flip_posit
         flipped[t] = (flipped[t] + 1) % vocab_size
         out = eval_fn(make_model(), flipped, lut, return_per_token=True)
         a, b = base["per_token_nll"], out["per_token_nll"]
-        diff = (a[1:t] - b[1:t]).abs().nan_to_num(nan=math.inf)
-        if diff.numel() and float(diff.max()) > worst:
-            worst, where = float(diff.max()), (t, 1 + int(diff.argmax()))
-        later_changed += int(((a[t + 1:] - b[t + 1:]).abs() > atol).sum())
+        earlier = scored_before(base, t)
+        diff = torch.where(earlier, (a - b).abs().nan_to_num(nan=math.inf), 0.0)
+        if bool(earlier.any()) and float(diff.max()) > worst:
+            worst, where = float(diff.max()), (t, int(diff.argmax()))
+        later_changed += int(((a - b).abs() > atol)[~earlier].sum())
     if where is not None and worst > atol:
         return CheckResult("causality", False, f"flipping token {where[0]} changed the score of earlier target "
                                                f"{where[1]} by {worst:.3g} nats")
@@ -115,6 +129,16 @@ def check_normalization(probe: ScoreProbe, tol: float) -> CheckResult:
                                                         f"{sum_dev:.1e} (tol {tol:g})")
 
 
+def event_spans(ev: dict) -> list[tuple[int, int]]:
+    """The inclusive token ranges of a trace event: its "spans" (document TTT: one per document), else
+    [first, last] (stream TTT)."""
+    return [tuple(sp) for sp in ev["spans"]] if "spans" in ev else [(ev["first"], ev["last"])]
+
+
+def event_where(ev: dict) -> str:
+    return f"chunk {ev['chunk']}" if "chunk" in ev else f"step {ev.get('step')}"
+
+
 def trace_violations(trace: list, n_tokens: int) -> tuple[torch.Tensor, list[str]]:
     """Replay a TTT event trace: times each target was scored, and the violations found."""
     counts = torch.zeros(n_tokens, dtype=torch.int32)
@@ -122,16 +146,20 @@ def trace_violations(trace: list, n_tokens: int) -> tuple[torch.Tensor, list[str
     for ev in trace:
         if ev["event"] == "score":
             if ev["updates"] != updates:
-                problems.append(f"chunk {ev['chunk']} claims update count {ev['updates']}, replay says {updates}")
-            counts[ev["first"]:ev["last"] + 1] += 1
+                problems.append(f"{event_where(ev)} claims update count {ev['updates']}, replay says {updates}")
+            for first, last in event_spans(ev):
+                counts[first:last + 1] += 1
         elif ev["event"] == "update":
             updates += 1
-            used = counts[ev["first"]:ev["last"] + 1].clone()
-            if ev["first"] == 0:
-                used[0] = 1  # token 0 is context only, never a target
-            if bool((used == 0).any()):
-                first_bad = ev["first"] + int((used == 0).nonzero()[0])
-                problems.append(f"update {updates} (chunk {ev['chunk']}) used token {first_bad} before it was scored")
+            for first, last in event_spans(ev):
+                used = counts[first:last + 1].clone()
+                if first == 0:
+                    used[0] = 1  # token 0 is context only, never a target
+                if bool((used == 0).any()):
+                    first_bad = first + int((used == 0).nonzero()[0])
+                    problems.append(f"update {updates} ({event_where(ev)}) used token {first_bad} before it was "
+                                    f"scored")
+                    break
     return counts, problems
 
 
@@ -212,6 +240,16 @@ def check_run_audit(audit: RecordedAudit | None, val_pattern: str, run_dir) -> C
     return check_val_not_opened(audit, val_pattern)
 
 
+def flip_off_bos(tokens: torch.Tensor, t: int, vocab_size: int) -> int:
+    """The first position from t whose token neither is a BOS nor becomes one when flipped (token + 1): a flip
+    there keeps the documents where they are (document-isolated passes split the stream at BOS tokens)."""
+    from pgolf.data.loader import TRAIN_BOS_ID
+
+    while t < tokens.numel() - 1 and TRAIN_BOS_ID in (int(tokens[t]), (int(tokens[t]) + 1) % vocab_size):
+        t += 1
+    return t
+
+
 def run_legality_checks(make_model, val_tokens: torch.Tensor, lut, eval_fn, *, audit=None,
                         val_pattern: str = "fineweb_val_*.bin", flip_positions=None, atol: float = 1e-5,
                         norm_tol: float = 1e-4, prefix_tol: float | None = None,
@@ -229,8 +267,8 @@ def run_legality_checks(make_model, val_tokens: torch.Tensor, lut, eval_fn, *, a
     tokens = val_tokens.cpu().long()
     n = tokens.numel()
     vocab_size = int(byte_lut_of(lut).base_bytes.numel())
-    if flip_positions is None:
-        flip_positions = sorted({max(2, int(n * 0.37)), max(2, int(n * 0.71))})  # off round chunk edges
+    if flip_positions is None:  # off round chunk edges, and off document boundaries
+        flip_positions = sorted({flip_off_bos(tokens, max(2, int(n * f)), vocab_size) for f in (0.37, 0.71)})
     probe = ScoreProbe(vocab_size, max_probes=max_probes)
     model = make_model()
     if prefix_tol is None:

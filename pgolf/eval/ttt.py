@@ -32,6 +32,7 @@ from pgolf.eval.bpb import (
     rank_span,
     stream_byte_cumsum,
 )
+from pgolf.eval.receipts import SecondsSplit
 from pgolf.eval.scoring import (
     StaticShapeCompile,
     WindowScorer,
@@ -44,7 +45,6 @@ from pgolf.eval.scoring import (
     signatures_to_compile,
 )
 from pgolf.eval.sliding import score_windows, sliding_windows
-from pgolf.train.clock import PhaseTimer
 
 # On one H100 (docs/benchmarks.md) a cold compile of the record model's forward and backward took 57 s, and a
 # step of 16 x 2048 tokens then took 33 ms instead of 89 ms eagerly: ~1,000 steps repay it. The default 3
@@ -100,6 +100,12 @@ def ttt_chunk_windows(windows, chunk_tokens: int, n_chunks: int) -> list[list[tu
     for w in windows:
         groups[min((w[1] + 1) // chunk_tokens, n_chunks - 1)].append(w)
     return groups
+
+
+def ttt_window_stride(cfg, seq_len: int) -> int:
+    """The stride of TTT's scoring windows: eval.ttt_stride, else eval.sliding_stride, else seq_len (so that with
+    sliding_stride=0 and ttt_stride=64 the TTT pass is the only strided scoring pass)."""
+    return cfg.ttt_stride or cfg.sliding_stride or seq_len
 
 
 def ttt_lr_at(chunk: int, n_chunks: int, base_lr: float) -> float:
@@ -206,7 +212,7 @@ def ttt_chunk_scorer(work, tokens, parts: list, cfg, stride: int, byte_cum, scor
     return window_scorer.score_group, window_scorer.forward
 
 
-def ttt_time_split(timer: PhaseTimer, score_forward) -> dict:
+def ttt_time_split(timer: SecondsSplit, score_forward) -> dict:
     """Where this rank's TTT seconds went: scoring ("score_s"; of it "compile_s", the first call of each
     compiled scoring shape, as in the plain and sliding results), the adaptation of the first adapted chunk
     (which compiles the step's forward and backward) and that of the other chunks."""
@@ -217,7 +223,7 @@ def ttt_time_split(timer: PhaseTimer, score_forward) -> dict:
 
 def evaluate_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, rank: int = 0, world_size: int = 1,
                  return_per_token: bool = False, inspect=None, scorer: str | None = None) -> dict:
-    """Score-first TTT over sliding windows (stride cfg.sliding_stride, or seq_len when 0); `cfg` is an
+    """Score-first TTT over sliding windows (stride ttt_window_stride); `cfg` is an
     EvalConfig. The result adds "chunks", "updates", "adapted_chunks" and the event "trace". `scorer`
     (pgolf.eval.scoring's modes) overrides the one eval.compile picks; "reference" also adapts eagerly."""
     check_eval_inputs(val_tokens, seq_len, cfg.batch_seqs)
@@ -228,7 +234,7 @@ def evaluate_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, rank: 
     t0 = time.perf_counter()
     tokens = val_tokens.cpu().long()
     n = tokens.numel()
-    stride = cfg.sliding_stride or seq_len
+    stride = ttt_window_stride(cfg, seq_len)
     windows = sliding_windows(n, seq_len, stride)
     n_chunks = max(1, math.ceil(n / cfg.ttt_chunk_tokens))
     groups = ttt_chunk_windows(windows, cfg.ttt_chunk_tokens, n_chunks)
@@ -245,7 +251,7 @@ def evaluate_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, rank: 
     opt = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
     acc = BpbAccumulator(device)
     trace, updates, adapted, scored_upto, adapting = [], 0, 0, 0, True
-    timer = PhaseTimer()
+    timer = SecondsSplit()
     for c, group in enumerate(groups):
         work.eval()
         with timer.phase("score_s"), torch.inference_mode():  # as evaluate_sliding's scoring

@@ -20,6 +20,7 @@ import time
 import torch
 
 from pgolf.dist import cuda_sync
+from pgolf.eval.documents import doc_isolated
 from pgolf.eval.scoring import (
     StaticShapeCompile,
     check_scorer,
@@ -29,7 +30,7 @@ from pgolf.eval.scoring import (
     scorer_for,
     scoring_function,
 )
-from pgolf.eval.ttt import prepare_ttt_model, ttt_step_nll_sum, ttt_step_shape_counts
+from pgolf.eval.ttt import prepare_ttt_model, ttt_step_nll_sum, ttt_step_shape_counts, ttt_window_stride
 
 WARMUP_SEED = 0
 
@@ -43,12 +44,13 @@ def eval_compile_plan(cfg, seq_len: int, rank: int = 0, world_size: int = 1) -> 
     "scoring": (length, keep) of the scoring forward: whole windows (the plain pass; the first window of the
     sliding and TTT passes) and, with a stride, the sliding windows; "ttt_step": (rows, length) of TTT's
     steps over full chunks (a short last chunk runs eagerly)."""
-    stride = cfg.sliding_stride or seq_len
+    stream_ttt = cfg.ttt and cfg.ttt_mode != "doc_lora"  # document TTT runs eagerly
     scoring = {(seq_len, seq_len)}
-    if (cfg.sliding_stride > 0 or cfg.ttt) and stride < seq_len:
-        scoring.add((seq_len, stride))
+    for on, stride in ((cfg.sliding_stride > 0, cfg.sliding_stride), (stream_ttt, ttt_window_stride(cfg, seq_len))):
+        if on and stride < seq_len:
+            scoring.add((seq_len, stride))
     # the shapes of a full chunk's steps do not depend on the number of chunks: any count above 1 gives them
-    steps = set(ttt_step_shape_counts(cfg, seq_len, 2, rank, world_size)) if cfg.ttt else set()
+    steps = set(ttt_step_shape_counts(cfg, seq_len, 2, rank, world_size)) if stream_ttt else set()
     return {"scoring": sorted(scoring), "ttt_step": sorted(steps)}
 
 
@@ -70,7 +72,7 @@ def warm_eval_compiles(model, cfg, seq_len: int, vocab_size: int, rank: int = 0,
     t0 = time.perf_counter()
     plan = eval_compile_plan(cfg, seq_len, rank, world_size)
     gen = torch.Generator().manual_seed(WARMUP_SEED)
-    probe = copy.deepcopy(model).eval()
+    probe = doc_isolated(copy.deepcopy(model).eval(), cfg.doc_isolated)  # the function the passes score with
     forward = StaticShapeCompile(scoring_function(probe), plan["scoring"], "scoring forward", cfg.compile_scope)
     with torch.inference_mode():
         for length, keep in plan["scoring"]:

@@ -1,0 +1,261 @@
+"""Document TTT (eval.ttt_mode=doc_lora): each document scored alone, score-first, by a per-document LoRA, with
+phased global SGD over the already-scored documents (frontier.md §8; the 2026-04-27 record's phased TTT).
+
+- Documents (pgolf.eval.documents) are sorted by length and cut into batches of eval.ttt_doc_batch; the queue
+  runs the batch of the longest documents first. Batches go to the ranks round-robin.
+- A batch walks its documents in chunks of eval.ttt_doc_chunk predictions. Chunk c of a document scores its
+  predictions [cC, e) (e = min((c+1)C, preds)) from the window doc[s:e], s = max(0, e - seq_len): context never
+  leaves the document. The active documents' windows are stacked (padded past each end: causal attention keeps
+  padding out of every scored position), one forward gives the scores, then (for the documents with a later
+  chunk) the loss of the same forward, the mean NLL of the chunk's positions per document summed over documents,
+  takes one AdamW step of the adapters (pgolf.eval.doc_lora): every token is scored before an update sees it.
+- Each batch resets the adapters' B to zero with a fresh AdamW state (A is kept with eval.ttt_warm_a).
+- Phases: the first round(eval.ttt_prefix_frac * documents) documents in queue order are the prefix; when the
+  scored documents cross each of eval.ttt_phases boundaries of it, one epoch of SGD on the whole base model runs
+  over the scored prefix so far (cumulative, document-masked rows of seq_len, chunks of
+  eval.ttt_global_chunk_tokens, cosine lr from eval.ttt_global_lr), then fresh adapters continue the queue.
+
+The event trace lists, per step, the spans of targets scored ("score") and the spans of tokens an update used
+("update": a document's targets start+1 .. start+e; its BOS input is the document boundary itself), so that
+pgolf.eval.legality replays it; "per_token_score_step" orders the scores for the flip test, since documents are
+scored in queue order, not stream order.
+"""
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pgolf.data.loader import TRAIN_BOS_ID, batch_document_ids
+from pgolf.errors import UserError
+from pgolf.eval.bpb import (
+    BpbAccumulator,
+    PerTokenScores,
+    check_eval_inputs,
+    lut_bytes_report,
+    rank_span,
+    stream_byte_cumsum,
+)
+from pgolf.eval.doc_lora import BatchedLora, LoraRowModel, parse_lora_targets
+from pgolf.eval.documents import find_documents
+from pgolf.eval.receipts import SecondsSplit
+from pgolf.eval.scoring import eval_autocast, model_device
+
+
+def doc_batches(docs: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Document indices sorted by length, cut into batches, the batch of the longest documents first."""
+    if batch_size < 1:
+        raise UserError(f"eval.ttt_doc_batch={batch_size} must be at least 1")
+    order = sorted(range(len(docs)), key=lambda i: (docs[i][1], i))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return sorted(batches, key=lambda b: -docs[b[-1]][1])
+
+
+def prefix_doc_count(prefix_frac: float, n_docs: int) -> int:
+    """The prefix the phases train on: the record's 2,500 of 50,000 documents is prefix_frac 0.05."""
+    return min(n_docs, round(prefix_frac * n_docs))
+
+
+def phase_points(queue: list[list[int]], prefix_docs: int, phases: int) -> dict[int, int]:
+    """{batch index: documents}: after that batch of the queue a global phase trains on the first `documents`
+    documents in queue order (boundaries floor(prefix * k / phases)); none after the last batch."""
+    bounds = sorted({prefix_docs * k // phases for k in range(1, phases + 1)} - {0}) if phases > 0 else []
+    points, done, k = {}, 0, 0
+    for i, batch in enumerate(queue[:-1]):
+        done += len(batch)
+        while k < len(bounds) and done >= bounds[k]:
+            points[i] = bounds[k]
+            k += 1
+    return points
+
+
+@dataclass
+class DocTttState:
+    """What the steps of one document-TTT pass share."""
+    work: torch.nn.Module
+    tokens: torch.Tensor  # the stream on the model's device
+    byte_cum: torch.Tensor  # host, pgolf.eval.bpb.stream_byte_cumsum
+    cfg: object  # EvalConfig
+    seq_len: int
+    acc: BpbAccumulator
+    per_token: PerTokenScores | None
+    score_step: torch.Tensor | None
+    inspect: object
+    trace: list = field(default_factory=list)
+    step: int = 0
+    updates: int = 0
+
+
+def chunk_batch(st: DocTttState, docs: list[tuple[int, int]], c: int):
+    """Stacked windows of chunk c of the documents (all have one): x, y (R, K), the scored mask (R, K), the
+    windows' stream start (R,) and, per document, (lo, e) in its own positions."""
+    chunk = st.cfg.ttt_doc_chunk
+    spans = [(c * chunk, min((c + 1) * chunk, p)) for _, p in docs]
+    starts = [max(0, e - st.seq_len) for _, e in spans]
+    width = max(e - s for (_, e), s in zip(spans, starts, strict=True))
+    device = st.tokens.device
+    cols = torch.arange(width, device=device)
+    first = torch.tensor([d[0] + s for d, s in zip(docs, starts, strict=True)], device=device)
+    length = torch.tensor([e - s for (_, e), s in zip(spans, starts, strict=True)], device=device)
+    score_from = torch.tensor([lo - s for (lo, _), s in zip(spans, starts, strict=True)], device=device)
+    pos = (first[:, None] + cols).clamp_max(st.tokens.numel() - 2)
+    valid = cols < length[:, None]
+    x = torch.where(valid, st.tokens[pos], 0)
+    y = torch.where(valid, st.tokens[pos + 1], 0)
+    mask = valid & (cols >= score_from[:, None])
+    return x, y, mask, first, spans
+
+
+def record_scores(st: DocTttState, docs, spans, nll, mask, first) -> None:
+    """Add chunk's scores to the sums (bytes from the byte source) and, for the legality checks, per token."""
+    n_bytes = sum(int(st.byte_cum[d[0] + e] - st.byte_cum[d[0] + lo]) for d, (lo, e) in zip(docs, spans, strict=True))
+    st.acc.add(torch.where(mask, nll.double(), 0.0).sum(), sum(e - lo for lo, e in spans), n_bytes)
+    st.trace.append({"event": "score", "step": st.step, "updates": st.updates,
+                     "spans": [[d[0] + lo + 1, d[0] + e] for d, (lo, e) in zip(docs, spans, strict=True)]})
+    if st.per_token is not None:
+        host_mask = mask.cpu()
+        target = (first[:, None] + torch.arange(mask.size(1), device=first.device)).cpu()[host_mask] + 1
+        st.per_token.record(target, nll.detach().cpu()[host_mask])
+        st.score_step[target] = st.step
+
+
+def doc_chunk_step(st: DocTttState, lora: BatchedLora, opt, docs, slots: list[int], c: int, n_chunks) -> None:
+    """Score chunk c of the active documents, then one adapter step on those with a later chunk."""
+    lora.rows = torch.tensor(slots, device=st.tokens.device)
+    x, y, mask, first, spans = chunk_batch(st, docs, c)
+    train = torch.tensor([c < n - 1 for n in n_chunks], device=x.device)
+    with torch.set_grad_enabled(bool(train.any())), eval_autocast(x.device):
+        nll = st.work(x, y, reduction="none").float()
+    record_scores(st, docs, spans, nll.detach(), mask, first)
+    if st.inspect is not None:
+        r = st.step % len(docs)
+        with torch.no_grad():
+            st.inspect(LoraRowModel(lora, slots[r]), x[r:r + 1], y[r:r + 1], nll.detach()[r:r + 1], mask[r:r + 1])
+    if bool(train.any()):
+        per_doc = torch.where(mask, nll, 0.0).sum(dim=1) / st.cfg.ttt_doc_chunk
+        (per_doc * train).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        st.updates += 1
+        st.trace.append({"event": "update", "step": st.step, "updates": st.updates,
+                         "spans": [[d[0] + 1, d[0] + e]
+                                   for d, (_, e), t in zip(docs, spans, train.tolist(), strict=True) if t]})
+    st.step += 1
+
+
+def run_doc_batch(st: DocTttState, lora: BatchedLora, docs: list[tuple[int, int]], generator) -> None:
+    """Every chunk of one batch of documents, each in its own adapter slot, the adapters reset first."""
+    cfg = st.cfg
+    lora.reset(cfg.ttt_warm_a, generator)
+    opt = torch.optim.AdamW(lora.parameters(), lr=cfg.ttt_lr, betas=(0.0, cfg.ttt_adam_beta2), eps=1e-10,
+                            weight_decay=cfg.ttt_weight_decay)
+    n_chunks = [math.ceil(p / cfg.ttt_doc_chunk) for _, p in docs]
+    for c in range(max(n_chunks)):
+        active = [j for j, n in enumerate(n_chunks) if c < n]
+        doc_chunk_step(st, lora, opt, [docs[j] for j in active], active, c, [n_chunks[j] for j in active])
+
+
+def global_rows(st: DocTttState, docs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scored documents' (input, target) pairs end to end: each document's own predictions only."""
+    xs = [st.tokens[s:s + p] for s, p in docs]
+    ys = [st.tokens[s + 1:s + p + 1] for s, p in docs]
+    return torch.cat(xs), torch.cat(ys)
+
+
+def global_sgd_phase(st: DocTttState, docs: list[tuple[int, int]], rank: int, world_size: int) -> None:
+    """One epoch of SGD with momentum on the whole base model over the documents' pairs, in chunks of
+    eval.ttt_global_chunk_tokens (one step each, its rows of seq_len split over the ranks, document-masked)."""
+    from pgolf.eval.ttt import ttt_lr_at, ttt_sum_grads
+
+    cfg, work = st.cfg, st.work
+    x_all, y_all = global_rows(st, docs)
+    n = x_all.numel()
+    n_chunks = max(1, math.ceil(n / cfg.ttt_global_chunk_tokens))
+    params = [p for p in work.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.SGD(params, lr=cfg.ttt_global_lr, momentum=cfg.ttt_global_momentum)
+    work.train()
+    for ci in range(n_chunks):
+        lo, hi = ci * cfg.ttt_global_chunk_tokens, min((ci + 1) * cfg.ttt_global_chunk_tokens, n)
+        rows = [(a, min(a + st.seq_len, hi)) for a in range(lo, hi, st.seq_len)]
+        r0, r1 = rank_span(len(rows), rank, world_size)
+        for a, b in rows[r0:r1]:
+            x, y = x_all[None, a:b], y_all[None, a:b]
+            with eval_autocast(x.device):
+                nll = work(x, y, reduction="none", doc_ids=batch_document_ids(x, TRAIN_BOS_ID)).float()
+            (nll.sum() / (hi - lo)).backward()
+        ttt_sum_grads(params)
+        if cfg.ttt_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
+        for g in opt.param_groups:
+            g["lr"] = ttt_lr_at(ci, n_chunks, cfg.ttt_global_lr)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    work.eval()
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    st.updates += 1
+    st.trace.append({"event": "update", "step": st.step, "updates": st.updates, "phase": True,
+                     "spans": [[s + 1, s + p] for s, p in docs]})
+    st.step += 1
+
+
+def new_lora(st: DocTttState, seed: int) -> BatchedLora:
+    cfg = st.cfg
+    lora = BatchedLora(st.work, cfg.ttt_doc_batch, cfg.ttt_lora_rank, cfg.ttt_lora_alpha,
+                       parse_lora_targets(cfg.ttt_lora_targets), seed)
+    lora.attach()
+    return lora
+
+
+def evaluate_doc_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, rank: int = 0, world_size: int = 1,
+                     return_per_token: bool = False, inspect=None, scorer: str | None = None) -> dict:
+    """Phased per-document LoRA TTT (module docstring) on a copy of the model; `cfg` is an EvalConfig, seq_len
+    the window. The result adds "documents", "prefix_docs", "phases", "updates", the event "trace" and the
+    seconds of scoring with adaptation ("score_adapt_s") and of the global phases ("global_s"). `scorer` is
+    accepted for the runner's one signature: this pass runs eagerly."""
+    check_eval_inputs(val_tokens, seq_len, 1)
+    if cfg.ttt_doc_chunk < 1:
+        raise UserError(f"eval.ttt_doc_chunk={cfg.ttt_doc_chunk} must be at least 1")
+    t0 = time.perf_counter()
+    tokens = val_tokens.cpu().long()
+    docs = find_documents(tokens)
+    queue = doc_batches(docs, cfg.ttt_doc_batch)
+    prefix = prefix_doc_count(cfg.ttt_prefix_frac, len(docs))
+    points = phase_points(queue, prefix, cfg.ttt_phases)
+    work = copy.deepcopy(model).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    device = model_device(work)
+    per_token = PerTokenScores(tokens.numel()) if return_per_token else None
+    st = DocTttState(work, tokens.to(device), stream_byte_cumsum(tokens, lut), cfg, seq_len, BpbAccumulator(device),
+                     per_token, torch.full((tokens.numel(),), -1, dtype=torch.int64) if per_token else None, inspect)
+    split, generator = SecondsSplit(), torch.Generator().manual_seed(0)
+    lora, phases_run = new_lora(st, 0), 0
+    for i, batch in enumerate(queue):
+        if i % world_size == rank:
+            with split.phase("score_adapt_s"):
+                run_doc_batch(st, lora, [docs[j] for j in batch], generator)
+        if i in points:
+            lora.detach()
+            used = [j for b in queue[:i + 1] for j in b][:points[i]]
+            with split.phase("global_s"):
+                global_sgd_phase(st, [docs[j] for j in used], rank, world_size)
+            phases_run += 1
+            lora = new_lora(st, phases_run)
+    lora.detach()
+    st.acc.all_reduce()
+    out = st.acc.result()
+    out.update({"seconds": time.perf_counter() - t0, "compile_s": 0.0, "documents": len(docs), "batches": len(queue),
+                "prefix_docs": prefix, "phases": len(points), "updates": st.updates, "trace": st.trace,
+                "score_adapt_s": split.elapsed("score_adapt_s"), "global_s": split.elapsed("global_s")})
+    out.update(lut_bytes_report(tokens, lut, [(s, s, s + p) for s, p in docs], out["nll_sum"]))
+    if per_token is not None:
+        out.update(per_token.as_dict())
+        out["per_token_score_step"] = st.score_step
+    return out

@@ -1,0 +1,187 @@
+"""Document-isolated scoring, the per-document LoRA TTT with phased global SGD, and the one evaluation runner."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from pgolf.config import EvalConfig, validate_config
+from pgolf.data.bytes import ByteLUT
+from pgolf.errors import UserError
+from pgolf.eval.bpb import score_token_nll
+from pgolf.eval.doc_lora import BatchedLora, LoraRowModel, parse_lora_targets
+from pgolf.eval.documents import DocIsolated, find_documents
+from pgolf.eval.legality import run_legality_checks, scored_before, trace_violations
+from pgolf.eval.runner import PassSpec, passes_from_config, run_pass, run_passes
+from pgolf.eval.ttt import evaluate_ttt
+from pgolf.eval.ttt_doc import doc_batches, phase_points, prefix_doc_count
+from pgolf.model.gpt import GPT
+from pgolf.recipes import get_recipe, recipe_tiny
+
+VOCAB, BOS = 32, 1
+BOS_AT = (0, 30, 41, 90, 150, 175, 200)
+
+
+def tiny_gpt() -> GPT:
+    cfg = recipe_tiny().model
+    cfg.vocab_size, cfg.num_layers, cfg.bigram_buckets, cfg.xsa_last_n, cfg.ve_last_n = VOCAB, 2, 0, 1, 0
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # zero-initialised projections would hide the attention (and the document mask)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def lut() -> ByteLUT:
+    return ByteLUT((torch.arange(VOCAB) % 4 + 1).to(torch.int16), torch.arange(VOCAB) % 3 == 0,
+                   torch.zeros(VOCAB, dtype=torch.bool))
+
+
+def doc_stream(n: int = 240) -> torch.Tensor:
+    tokens = torch.randint(2, VOCAB, (n,), generator=torch.Generator().manual_seed(2))
+    tokens[[p for p in BOS_AT if p < n]] = BOS
+    return tokens
+
+
+def doc_cfg(**kw) -> EvalConfig:
+    base = {"batch_seqs": 4, "ttt": True, "ttt_mode": "doc_lora", "ttt_doc_chunk": 8, "ttt_doc_batch": 2,
+            "ttt_lora_rank": 4, "ttt_lora_alpha": 4.0, "ttt_lr": 0.01, "ttt_prefix_frac": 0.5, "ttt_phases": 2,
+            "ttt_global_chunk_tokens": 64, "ttt_global_lr": 0.01}
+    return EvalConfig(**{**base, **kw})
+
+
+def doc_spec(**kw) -> PassSpec:
+    return PassSpec("ttt", "doc_ttt", 64, eval_cfg=doc_cfg(**kw))
+
+
+def test_documents_predict_every_target_once_and_the_queue_runs_longest_first():
+    tokens = doc_stream()
+    docs = find_documents(tokens)
+    covered = torch.zeros(tokens.numel(), dtype=torch.int32)
+    for s, p in docs:
+        covered[s + 1:s + p + 1] += 1
+        assert tokens[s] == BOS and (s + p == tokens.numel() - 1 or tokens[s + p] == BOS)
+    assert covered[0] == 0 and bool((covered[1:] == 1).all())
+    queue = doc_batches(docs, 3)
+    assert sorted(i for b in queue for i in b) == list(range(len(docs)))
+    longest = [max(docs[i][1] for i in b) for b in queue]
+    assert longest == sorted(longest, reverse=True)
+    assert prefix_doc_count(0.05, 50_000) == 2500
+    assert phase_points([[0, 1], [2, 3], [4, 5], [6]], 6, 3) == {0: 2, 1: 4, 2: 6}
+    assert phase_points([[0, 1, 2, 3]], 4, 2) == {}  # nothing left to score after the last batch
+
+
+def test_doc_isolated_scoring_gives_a_later_document_no_context_from_the_earlier():
+    model, tokens = tiny_gpt(), doc_stream()
+    x, y = tokens[None, 20:41], tokens[None, 21:42]  # crosses the BOS at 30; the one at 41 is its last target
+    with torch.no_grad():
+        masked = score_token_nll(DocIsolated(model), x, y)[0]
+        alone = score_token_nll(model, x[:, 10:], y[:, 10:])[0]  # the second document alone
+        dense = score_token_nll(model, x, y)[0]
+    assert torch.allclose(masked[10:], alone, atol=1e-5)
+    assert not torch.allclose(dense[10:], alone, atol=1e-3)  # the stream's context did matter
+    plain = run_pass(model, tokens, lut(), PassSpec("plain", "plain", 32, batch_seqs=4, doc_isolated=True))
+    assert plain["tokens"] == tokens.numel() - 1
+
+
+def test_batched_lora_starts_at_the_base_and_keeps_documents_apart():
+    model = tiny_gpt()
+    x = torch.randint(2, VOCAB, (3, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base = model(x, x, reduction="none")
+    lora = BatchedLora(model, 3, 2, 2.0, parse_lora_targets("q,k,v,o,mlp,head"))
+    lora.attach()
+    try:
+        with torch.no_grad():
+            assert torch.allclose(model(x, x, reduction="none"), base, atol=1e-6)  # B = 0
+            for p in lora.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+            batched = model(x, x, reduction="none")
+            for r in range(3):  # row r through slot r alone equals row r of the batch
+                assert torch.allclose(LoraRowModel(lora, r)(x[r:r + 1], x[r:r + 1], reduction="none")[0],
+                                      batched[r], atol=1e-5)
+            assert not torch.allclose(batched, base, atol=1e-4)
+    finally:
+        lora.detach()
+    assert "head_projection" not in model.__dict__
+    with pytest.raises(UserError, match="ttt_lora_targets"):
+        parse_lora_targets("q,x")
+
+
+def test_doc_ttt_without_learning_equals_scoring_each_document_alone():
+    model, tokens = tiny_gpt(), doc_stream()
+    res = run_pass(model, tokens, lut(), doc_spec(ttt_lr=0.0, ttt_global_lr=0.0, ttt_weight_decay=0.0),
+                   return_per_token=True)
+    assert res["documents"] == len(BOS_AT) and res["phases"] == 2 and res["updates"] > 0
+    total = 0.0
+    with torch.no_grad():
+        for s, p in find_documents(tokens):  # every document is shorter than the 64-token window
+            total += float(score_token_nll(model, tokens[None, s:s + p], tokens[None, s + 1:s + p + 1]).sum())
+    assert res["nll_sum"] == pytest.approx(total, rel=1e-5)
+    learned = run_pass(model, tokens, lut(), doc_spec())
+    assert learned["tokens"] == res["tokens"] == tokens.numel() - 1 and learned["nll_sum"] != res["nll_sum"]
+
+
+def test_doc_ttt_passes_the_legality_harness():
+    model, tokens = tiny_gpt(), doc_stream()
+    results = run_legality_checks(lambda: model, tokens, lut(), lambda m, t, lu, **kw: run_pass(m, t, lu, doc_spec(),
+                                                                                                **kw),
+                                  audit_row=None, val_pattern="none_*")
+    assert all(r.passed for r in results), [(r.name, r.detail) for r in results]
+
+
+def test_span_traces_catch_an_update_before_its_score_and_flips_follow_the_score_order():
+    trace = [{"event": "score", "step": 0, "updates": 0, "spans": [[1, 8], [21, 28]]},
+             {"event": "update", "step": 0, "updates": 1, "spans": [[1, 8], [21, 30]]}]
+    counts, problems = trace_violations(trace, 40)
+    assert problems and "token 29" in problems[0]
+    base = {"per_token_nll": torch.zeros(10), "per_token_score_step": torch.tensor([-1, 2, 2, 0, 0, 1, 1, 1, 0, 0])}
+    # a flip of token 6 (scored at step 1) must leave targets 3, 4 (step 0) and 5 (step 1) alone, not 1, 2
+    assert scored_before(base, 6).tolist() == [False, False, False, True, True, True] + [False] * 4
+
+
+def test_runner_passes_follow_the_config():
+    cfg = get_recipe("frontier")
+    specs = passes_from_config(cfg)
+    assert [(s.name, s.kind, s.doc_isolated) for s in specs] == [("plain", "plain", True), ("ttt", "doc_ttt", True)]
+    cfg.eval.compile = False  # every pass, the bench's included, then scores eagerly
+    cfg.eval.sliding_stride = 64
+    assert {s.scorer for s in passes_from_config(cfg)} == {"eager"}
+    assert [s.name for s in passes_from_config(cfg, final_eval=False)] == ["plain"]
+    for bad in ({"ttt_lora_targets": "q,z"}, {"ttt_stride": 5000}):
+        broken = get_recipe("frontier")
+        broken.eval = dataclasses.replace(broken.eval, **bad)
+        with pytest.raises(UserError):
+            validate_config(broken)
+
+
+def test_ttt_stride_makes_ttt_the_only_strided_pass():
+    model, tokens = tiny_gpt(), doc_stream(140)
+    e = EvalConfig(batch_seqs=4, sliding_stride=8, ttt=True, ttt_chunk_tokens=40, ttt_epochs=1, ttt_lr=0.01,
+                   ttt_batch_seqs=2)
+    by_sliding = evaluate_ttt(model, tokens, lut(), e, 32)
+    by_ttt_stride = evaluate_ttt(model, tokens, lut(), dataclasses.replace(e, sliding_stride=0, ttt_stride=8), 32)
+    assert by_ttt_stride["nll_sum"] == pytest.approx(by_sliding["nll_sum"], rel=1e-9)
+    cfg = recipe_tiny()
+    cfg.eval = dataclasses.replace(e, sliding_stride=0, ttt_stride=8)
+    run = run_passes(model, tokens, lut(), passes_from_config(cfg))
+    assert list(run.results) == ["plain", "ttt"] and set(run.timings) == {"eval_plain_s", "eval_ttt_s"}
+
+
+def test_the_harness_fails_doc_ttt_that_rescores_a_chunk_after_adapting_on_it(monkeypatch):
+    import pgolf.eval.ttt_doc as ttt_doc
+
+    real = ttt_doc.doc_chunk_step
+
+    def rescoring(st, lora, opt, docs, slots, c, n_chunks):  # planted: score, adapt, then score the chunk again
+        real(st, lora, opt, docs, slots, c, n_chunks)
+        real(st, lora, opt, docs, slots, c, [0] * len(n_chunks))
+
+    monkeypatch.setattr(ttt_doc, "doc_chunk_step", rescoring)
+    model, tokens = tiny_gpt(), doc_stream()
+    results = {r.name: r for r in run_legality_checks(lambda: model, tokens, lut(),
+                                                      lambda m, t, lu, **kw: run_pass(m, t, lu, doc_spec(), **kw),
+                                                      audit_row=None, val_pattern="none_*")}
+    assert not results["score_before_update"].passed and "scored 2 times" in results["score_before_update"].detail
