@@ -113,9 +113,8 @@ def recipe_tiny() -> RunConfig:
 # scoring of the last sliding windows (pgolf scores each target once), calibration after the timer (pgolf's
 # GPTQ Hessians are a timed phase inside train.wallclock_s - train.calib_reserve_s). Attention stays `auto`
 # where a PR ran FA3: it is FA3 wherever flash_attn_interface imports, and the same math elsewhere.
-# The quantization pieces M3-M5 (quant.*) and the evaluation pieces M8-M9 (eval.*) of seed-systems.md are
-# being added by other work: each recipe's TODO(lead) lists the PR's settings for them, with the field names
-# that seed-systems.md proposes (check them against the merged code).
+# Each recipe sets seed-systems.md's quantization pieces M3-M5 (quant.overrides, scale_floor, clip=pct_search)
+# and TTT-only scoring M8 (eval.ttt_stride) where its PR has them; the Muon-style TTT of #1062 (M9) is not built.
 NTK_ROPE_BASE_2048 = 22081.79  # 10000 * 2**(16/14): the base the #414-lineage Rotary(train_seq_len=1024) uses at 2048
 
 
@@ -138,9 +137,9 @@ def recipe_pr1062() -> RunConfig:
     projections trained by the scalar AdamW (model.aux_proj_init, optim.aux_proj_group), grad clip 0.3 on each
     rank's own grads (optim.clip_scope), a 10 s calibration reserve of 8 batches (the script's 6.29 M tokens,
     all-reduced here where the script keeps each rank's 64 batches), damping 0.02, clip search without
-    fit_k, lzma, TTT lr 0.002 without momentum, no QAT, seed 1337. Missing in pgolf: the Muon-style TTT update
-    with frozen first blocks and TTT as the only scoring pass (the sliding pass still runs), the percentile
-    clip candidates, RTN for tok_emb, the 1/31 scale floor (all being added: the TODO(lead) below); bf16
+    fit_k, lzma, TTT lr 0.002 without momentum, no QAT, seed 1337. Set below: TTT as the only scoring pass, the
+    percentile clip candidates, RTN for tok_emb, the 1/31 scale floor. Missing in pgolf: the Muon-style TTT
+    update with frozen first blocks (M9: pgolf's TTT is SGD), the tok_emb row quantile 0.9999984; bf16
     Muon momentum buffers (pgolf keeps them fp32). Not built on purpose: SLOT, the PR's headline 1.1001 (it
     fits on the targets before scoring them: illegal), the scripts' repeated scoring of the last sliding
     windows (pgolf scores each target once).
@@ -171,14 +170,14 @@ def recipe_pr1062() -> RunConfig:
     q.codec = "lzma"
     cfg.eval.ttt_lr = 0.002
     cfg.eval.ttt_momentum = 0.0
-    # TODO(lead): set quant.* / eval.* once merged (seed-systems.md M3-M5, M8-M9; P1176:1182-1360, 1461-1610):
-    #   quant.overrides="tok_emb.weight=rtn" (tok_emb int8 RTN, row quantile 0.9999984; bigram/VE tables RTN int8)
-    #   quant.scale_floor=inv_qmax (clamp_min(1/31))
-    #   quant.clip=pct_search quant.clip_quantiles="0.999,0.9995,0.9999,0.99999,1.0" quant.clip_select=matrix
-    #     quant.clip_metric=mse (per matrix, plain MSE of each candidate's full GPTQ result)
-    #   eval.sliding_stride=0 eval.ttt_stride=64 (TTT is the only scoring pass)
-    #   eval.ttt_mode=muon eval.ttt_ns_steps=5 eval.ttt_freeze_blocks=2 (NS5 on >=2-D grads, plain step on 1-D,
-    #     blocks.0/1 frozen; lr 0.002 cosine, 3 epochs, 32,768-token chunks, clip 1.0: already set)
+    # seed-systems.md M3-M5, M8 (P1176:1182-1360, 1461-1610): tok_emb int8 RTN (pgolf's RTN clips by its
+    # embedding rule, not the PR's row quantile 0.9999984), the 1/31 scale floor, the best of 5 row-quantile
+    # clips per matrix by the GPTQ result's MSE, TTT as the only scoring pass. Not built (M9): the PR's
+    # Muon-style TTT update and frozen blocks.0/1; pgolf's TTT here is SGD.
+    q.overrides = ("tok_emb.weight=rtn",)
+    q.scale_floor = "inv_qmax"
+    q.clip, q.clip_select = "pct_search", "matrix"
+    cfg.eval.sliding_stride, cfg.eval.ttt_stride = 0, 64
     return cfg
 
 
@@ -191,10 +190,9 @@ def recipe_pr535() -> RunConfig:
     (the PR's class-flag QAT was most likely constant-folded by torch.compile, so off is what ran), GPTQ on
     one batch (786,432 tokens) inside a 3 s reserve, clip search without fit_k, zstd, no TTT, seed 7 (the PR
     ran 7, 314, 2024). Not built on purpose: calibration after the 600 s timer, which closed the PR (pgolf's
-    calibration is a timed phase), and the repeated scoring of the last sliding windows. Missing in pgolf:
-    the per-row percentile clips fixed before GPTQ, RTN for tok_emb, the 1/31 scale floor (being added: the
-    TODO(lead) below); the ascending column order, raw-inverse GPTQ update and quantile(0.9995) STE (M14,
-    bit-fidelity only, not planned).
+    calibration is a timed phase), and the repeated scoring of the last sliding windows. Set below: the per-row
+    percentile clips fixed before GPTQ, RTN for tok_emb, the 1/31 scale floor. Missing in pgolf: the
+    ascending column order, raw-inverse GPTQ update and quantile(0.9995) STE (M14, bit-fidelity only).
     """
     cfg = recipe_record()
     cfg.recipe = "pr535"
@@ -212,11 +210,11 @@ def recipe_pr535() -> RunConfig:
     q.fit_k = False
     q.codec = "zstd"
     cfg.eval.ttt = False
-    # TODO(lead): set quant.* once merged (seed-systems.md M3-M5; P535:950-1035):
-    #   quant.overrides="tok_emb.weight=rtn" (int8 RTN, row quantile 0.9999984)
-    #   quant.scale_floor=inv_qmax
-    #   quant.clip=pct_search quant.clip_quantiles="0.999,0.9995,0.9999,0.99999,1.0" quant.clip_select=row
-    #     quant.clip_metric=mse (per row, by RTN MSE, scales fixed before GPTQ)
+    # seed-systems.md M3-M5 (P535:950-1035): tok_emb int8 RTN, the 1/31 floor, the best of 5 row-quantile
+    # clips per row by RTN MSE with the scales fixed before GPTQ.
+    q.overrides = ("tok_emb.weight=rtn",)
+    q.scale_floor = "inv_qmax"
+    q.clip, q.clip_select = "pct_search", "row"
     return cfg
 
 
@@ -229,8 +227,8 @@ def recipe_pr1427() -> RunConfig:
     0.02 on one training batch inside a 3 s reserve, lzma, seed 1337; plain roundtrip scoring, no sliding
     pass. Not built on purpose: the PR generated 64 calibration sequences from the model after the timer
     (56.8 s); pgolf calibrates on training tokens inside the budget instead (M11, a self-generated source
-    inside the reserve, is not planned). Missing in pgolf: the per-matrix percentile clips, RTN for tok_emb,
-    the 1/31 scale floor (being added: the TODO(lead) below).
+    inside the reserve, is not planned). Set below: the per-matrix percentile clips, RTN for tok_emb, the
+    1/31 scale floor. Missing in pgolf: the self-generated calibration (M11).
     """
     cfg = recipe_baseline()
     cfg.recipe = "pr1427"
@@ -250,11 +248,10 @@ def recipe_pr1427() -> RunConfig:
     q.damp = 0.02
     q.calib_batches = 1
     q.codec = "lzma"
-    # TODO(lead): set quant.* once merged (seed-systems.md M3-M5; P1427:520-584):
-    #   quant.overrides="tok_emb.weight=rtn" (int8 RTN, row quantile 0.9999984)
-    #   quant.scale_floor=inv_qmax
-    #   quant.clip=pct_search quant.clip_quantiles="0.999,0.9995,0.9999,0.99999,1.0" quant.clip_select=matrix
-    #     quant.clip_metric=mse
+    # seed-systems.md M3-M5 (P1427:520-584): tok_emb int8 RTN, the 1/31 floor, row-quantile clips per matrix.
+    q.overrides = ("tok_emb.weight=rtn",)
+    q.scale_floor = "inv_qmax"
+    q.clip, q.clip_select = "pct_search", "matrix"
     return cfg
 
 
@@ -267,9 +264,8 @@ def recipe_pr493() -> RunConfig:
     weight decay 0.04, no BOS mask in SmearGate/BigramHash, the bigram projection orthogonal x 1/sqrt(2L)
     (model.aux_proj_init), no QAT, int6 RTN with row-max scales (clip none), fp16 for tensors up to 8,192
     elements, zstd, no TTT, no calibration, seed 42 (the PR ran 42, 1337, 2024). Not built on purpose: the
-    repeated scoring of the last sliding windows. Missing in pgolf: fp16 storage by name (tok_emb and
-    blocks.8.attn.c_k) and int6 for the bigram tables, the 1/31 scale floor (being added: the TODO(lead)
-    below).
+    repeated scoring of the last sliding windows. Set below: fp16 storage by name (tok_emb and
+    blocks.8.attn.c_k), int6 for the bigram tables, the 1/31 scale floor. Missing in pgolf: nothing material.
     """
     cfg = recipe_record()
     cfg.recipe = "pr493"
@@ -293,9 +289,10 @@ def recipe_pr493() -> RunConfig:
     q.passthrough_numel = 8192
     q.codec = "zstd"
     cfg.eval.ttt = False
-    # TODO(lead): set quant.* once merged (seed-systems.md M3-M4; P493:283-363):
-    #   quant.overrides="tok_emb.weight=fp16,blocks.8.attn.c_k.weight=fp16,bigram.*=bits6"
-    #   quant.scale_floor=inv_qmax (the PR's "scale clamping fix", clamp_min(1/31))
+    # seed-systems.md M3-M4 (P493:283-363): tok_emb and blocks.8.attn.c_k kept fp16, the bigram tables int6,
+    # the PR's "scale clamping fix" (the 1/31 floor).
+    q.overrides = ("tok_emb.weight=fp16", "blocks.8.attn.c_k.weight=fp16", "bigram.*=bits6")
+    q.scale_floor = "inv_qmax"
     return cfg
 
 
@@ -418,11 +415,11 @@ def recipe_pr1948() -> RunConfig:
     brotli-11; pgolf's brotli tries the shuffle), seed 1334 (the PR ran 1334, 42, 999). The reverse-Cholesky
     H^-1 factor, the PR's second change, is already pgolf's GPTQ (pgolf.quant.gptq). Not built on purpose:
     serialization and compression outside the reserve (about 60-70 s of brotli by the PR's own text: pgolf
-    counts calibration inside the budget and its compression is not a training phase). Missing in pgolf:
-    per-role SDClip k (attention 13.0, MLP 12.0; pgolf fits one k to the cap as `frontier` does), LQER
-    (asymmetric rank 4, int4 factors, group 64, top-1 = tok_emb), int8 storage of the sparse gate, phased
-    per-document LoRA TTT (pgolf's sliding pass + stream TTT score instead), TTT as the only scoring pass,
-    the PR's minified code wrapper; the same as `frontier` otherwise (its docstring).
+    counts calibration inside the budget and its compression is not a training phase). Set below:
+    the PR's fixed per-role SDClip k (attention 13.0, MLP 12.0), LQER top-1 (tok_emb), its per-document LoRA
+    TTT (rank 96 on K/MLP/O, Adam beta2 0.999, WD 1.0, batch 16); int8 gates and phased global SGD as in
+    `frontier`. Missing in pgolf: the PR's minified code wrapper (pgolf's is its own); the same as `frontier`
+    otherwise (its docstring).
     """
     cfg = recipe_frontier()
     cfg.recipe = "pr1948"
@@ -436,13 +433,13 @@ def recipe_pr1948() -> RunConfig:
     q = cfg.quant
     q.sdclip_k_embed = 15.0
     q.codec = "brotli"
-    # TODO(lead): set quant.* / eval.* once merged (seed-systems.md M3, M8; frontier.md §6, §8):
-    #   quant.overrides="blocks.*.attn.attn_gate_w=bits8,tok_emb.weight=bits7" (the gate int8 rows, no GPTQ)
-    #   eval.sliding_stride=0 eval.ttt_stride=64 (TTT is the only scoring pass)
-    #   not in M3-M9 (their own issue): per-role k quant.sdclip_k_attn=13.0 / sdclip_k_mlp=12.0 with
-    #   quant.fit_k=false; LQER rank 4 top-1; phased LoRA TTT (3 phases x 2,000 prefix docs, global SGD lr 0.001
-    #   momentum 0.9; LoRA rank 96 on K/MLP/O, alpha 144, warm-start A, Adam lr 1e-4 beta (0, 0.999) WD 1.0,
-    #   batch 16, chunk 48)
+    # The PR's per-role sigmas held fixed (attention 13.0, MLP 12.0), LQER on tok_emb alone, and its TTT
+    # (frontier.md §8): LoRA rank 96 on K/MLP/O, Adam beta2 0.999, WD 1.0, 16 documents a batch.
+    q.sdclip_k_attn, q.sdclip_k_mlp, q.fit_k = 13.0, 12.0, False
+    q.lqer_top_k = 1
+    e = cfg.eval
+    e.ttt_lora_rank, e.ttt_lora_targets = 96, "k,mlp,o"
+    e.ttt_adam_beta2, e.ttt_weight_decay, e.ttt_doc_batch = 0.999, 1.0, 16
     return cfg
 
 

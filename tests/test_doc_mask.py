@@ -278,6 +278,6 @@ def test_the_exported_script_carries_the_module_only_with_the_flag():
     cfg = recipe_tiny()
     names, left_out = module_manifest(cfg)
     assert "pgolf.model.doc_attention" not in names
-    assert left_out["pgolf.model.doc_attention"] == "cfg.train.doc_mask"
+    assert left_out["pgolf.model.doc_attention"].startswith("cfg.train.doc_mask or ")
     cfg.train.doc_mask = True
     assert "pgolf.model.doc_attention" in module_manifest(cfg)[0]

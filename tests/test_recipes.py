@@ -90,7 +90,10 @@ def test_seed_recipes_carry_the_pr_settings():
     assert dict((key, (ref, value)) for key, ref, value in recipe_differences("pr1062")) == {
         "model.mlp_slope": (0.5, 0.9), "model.qk_gain_init": (1.5, 5.0), "model.xsa_last_n": (4, 11),
         "model.bigram_buckets": (1536, 2816), "model.bigram_dim": (128, 112), "model.rope_base": (10000.0, 22081.79),
-        "train.qat_start_scale": (0.15, 0.0), "train.calib_reserve_s": (7.0, 10.0), "quant.clip": ("sdclip", "search"),
+        "train.qat_start_scale": (0.15, 0.0), "train.calib_reserve_s": (7.0, 10.0),
+        "quant.clip": ("sdclip", "pct_search"),
+        "quant.overrides": ([], ["tok_emb.weight=rtn"]), "quant.scale_floor": ("tiny", "inv_qmax"),
+        "quant.clip_select": ("row", "matrix"), "eval.sliding_stride": (64, 0), "eval.ttt_stride": (0, 64),
         "quant.fit_k": (True, False), "quant.damp": (0.01, 0.02), "quant.calib_batches": (32, 8),
         "quant.codec": ("auto", "lzma"), "eval.ttt_lr": (0.005, 0.002), "eval.ttt_momentum": (0.9, 0.0),
         "data.sampler": ("sequential", "coprime"), "model.embed_param_dtype": ("float32", "bfloat16"),
@@ -109,13 +112,18 @@ def test_seed_recipes_carry_the_pr_settings():
         "model.mlp_slope": (0.5, 0.3), "model.embed_param_dtype": ("float32", "bfloat16"),
         "optim.clip_scope": ("global", "local"), "train.warmdown_frac": (0.85, 0.75),
         "train.calib_reserve_s": (5.0, 16.0), "train.seed": (1337, 1334), "quant.sdclip_k_embed": (14.0, 15.0),
-        "quant.codec": ("auto", "brotli")}
+        "quant.codec": ("auto", "brotli"), "quant.sdclip_k_mlp": (11.5, 12.0), "quant.fit_k": (True, False),
+        "quant.lqer_top_k": (3, 1), "eval.ttt_lora_rank": (80, 96),
+        "eval.ttt_lora_targets": ("q,k,v,o,mlp,head", "k,mlp,o"),
+        "eval.ttt_adam_beta2": (0.99, 0.999), "eval.ttt_doc_batch": (64, 16), "eval.ttt_weight_decay": (0.5, 1.0)}
     assert dict((key, (ref, value)) for key, ref, value in recipe_differences("pr1427", "baseline")) == {
         "model.num_layers": (9, 11), "model.mlp_slope": (0.0, 0.75), "model.rope_dims": (0, 16),
         "model.xsa_last_n": (0, 4), "model.residual_dtype": ("float32", "bfloat16"),
         "model.embed_param_dtype": ("float32", "bfloat16"),
         "train.calib_reserve_s": (0.0, 3.0), "quant.method": ("rtn", "gptq"), "quant.matrix_bits": (8, 6),
-        "quant.clip": ("percentile", "search"), "quant.damp": (0.01, 0.02), "quant.calib_batches": (32, 1),
+        "quant.clip": ("percentile", "pct_search"), "quant.clip_select": ("row", "matrix"),
+        "quant.overrides": ([], ["tok_emb.weight=rtn"]), "quant.scale_floor": ("tiny", "inv_qmax"),
+        "quant.damp": (0.01, 0.02), "quant.calib_batches": (32, 1),
         "quant.codec": ("zlib", "lzma")}
 
 def test_recipes_lists_every_recipe_with_its_provenance(capsys):
