@@ -291,7 +291,7 @@ def recipe_pr493() -> RunConfig:
     cfg.eval.ttt = False
     # seed-systems.md M3-M4 (P493:283-363): tok_emb and blocks.8.attn.c_k kept fp16, the bigram tables int6,
     # the PR's "scale clamping fix" (the 1/31 floor).
-    q.overrides = ("tok_emb.weight=fp16", "blocks.8.attn.c_k.weight=fp16", "bigram.*=bits6")
+    q.overrides = ("tok_emb.weight=fp16", "blocks.8.attn.c_k.weight=fp16", "bigram.*.weight=bits6")
     q.scale_floor = "inv_qmax"
     return cfg
 
