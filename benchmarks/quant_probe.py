@@ -16,8 +16,8 @@ import torch
 
 from pgolf.config import QuantConfig
 from pgolf.dist import cuda_sync
-from pgolf.quant.policy import policy_table
 from pgolf.quant.gptq import gptq_quantize_batch, hessian_error, rtn_quantize
+from pgolf.quant.policy import policy_table
 from pgolf.tensorfile import read_tensors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,7 +7,8 @@ the public seed systems in the settings pgolf can express (each docstring says w
 `pgolf recipes` lists them all.
 """
 
-from pgolf.config import ConfigError, RunConfig, validate_config
+from pgolf.config import ConfigError, RunConfig
+from pgolf.config_rules import validate_config
 
 
 def recipe_baseline() -> RunConfig:
@@ -136,7 +137,7 @@ def recipe_pr1062() -> RunConfig:
     masters, scalar-group weight decay 0.04, no BOS mask in SmearGate/BigramHash, orthogonal bigram and VE
     projections trained by the scalar AdamW (model.aux_proj_init, optim.aux_proj_group), grad clip 0.3 on each
     rank's own grads (optim.clip_scope), a 10 s calibration reserve of 8 batches (the script's 6.29 M tokens,
-    all-reduced here where the script keeps each rank's 64 batches), damping 0.02, clip search without
+    all-reduced here where the script keeps each rank's 64 batches), damping 0.02, percentile clip search without
     fit_k, lzma, TTT lr 0.002 without momentum, no QAT, seed 1337. Set below: TTT as the only scoring pass, the
     percentile clip candidates, RTN for tok_emb, the 1/31 scale floor. Missing in pgolf: the Muon-style TTT
     update with frozen first blocks (M9: pgolf's TTT is SGD), the tok_emb row quantile 0.9999984; bf16
@@ -165,7 +166,6 @@ def recipe_pr1062() -> RunConfig:
     q = cfg.quant
     q.calib_batches = 8
     q.damp = 0.02
-    q.clip = "search"
     q.fit_k = False
     q.codec = "lzma"
     cfg.eval.ttt_lr = 0.002
@@ -188,7 +188,7 @@ def recipe_pr535() -> RunConfig:
     2048, the NTK-equivalent RoPE base, bf16 embedding masters, scalar-group weight decay 0.04, no BOS mask in
     SmearGate/BigramHash, bigram and VE projections orthogonal x 1/sqrt(2L) (model.aux_proj_init), QAT off
     (the PR's class-flag QAT was most likely constant-folded by torch.compile, so off is what ran), GPTQ on
-    one batch (786,432 tokens) inside a 3 s reserve, clip search without fit_k, zstd, no TTT, seed 7 (the PR
+    one batch (786,432 tokens) inside a 3 s reserve, percentile clip search without fit_k, zstd, no TTT, seed 7 (the PR
     ran 7, 314, 2024). Not built on purpose: calibration after the 600 s timer, which closed the PR (pgolf's
     calibration is a timed phase), and the repeated scoring of the last sliding windows. Set below: the per-row
     percentile clips fixed before GPTQ, RTN for tok_emb, the 1/31 scale floor. Missing in pgolf: the
@@ -206,7 +206,6 @@ def recipe_pr535() -> RunConfig:
     t.seed = 7
     q = cfg.quant
     q.calib_batches = 1
-    q.clip = "search"
     q.fit_k = False
     q.codec = "zstd"
     cfg.eval.ttt = False
@@ -223,7 +222,7 @@ def recipe_pr1427() -> RunConfig:
 
     The PR's script: records/track_10min_16mb/2026-04-06_LeakyReLU_XSA_PartialRoPE_FA3. On `baseline` (MLP 2x,
     as the PR's logged parameter count shows): 11 layers, slope 0.75, RoPE on 16 dims, XSA on the last 4, a
-    bf16 residual and bf16 tok_emb master (the script's model is bf16), GPTQ int6 with clip search and damping
+    bf16 residual and bf16 tok_emb master (the script's model is bf16), GPTQ int6 with percentile clips and damping
     0.02 on one training batch inside a 3 s reserve, lzma, seed 1337; plain roundtrip scoring, no sliding
     pass. Not built on purpose: the PR generated 64 calibration sequences from the model after the timer
     (56.8 s); pgolf calibrates on training tokens inside the budget instead (M11, a self-generated source
@@ -244,7 +243,6 @@ def recipe_pr1427() -> RunConfig:
     q = cfg.quant
     q.method = "gptq"
     q.matrix_bits = 6
-    q.clip = "search"
     q.damp = 0.02
     q.calib_batches = 1
     q.codec = "lzma"

@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 
 from pgolf.cli import main
-from pgolf.config import FIELD_CHOICES, FIELD_RANGES, ConfigError, RunConfig, apply_overrides, validate_config
+from pgolf.config import ConfigError, RunConfig, apply_overrides
+from pgolf.config_rules import FIELD_CHOICES, FIELD_RANGES, validate_config
 from pgolf.recipes import RECIPES, apply_proxy, get_recipe
 
 

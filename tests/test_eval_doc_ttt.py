@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from pgolf.config import EvalConfig, validate_config
+from pgolf.config import EvalConfig
+from pgolf.config_rules import validate_config
 from pgolf.data.bytes import ByteLUT
 from pgolf.errors import UserError
 from pgolf.eval.bpb import score_token_nll

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from pgolf.cli import main
-from pgolf.config import config_to_dict, validate_config
+from pgolf.config import config_to_dict
+from pgolf.config_rules import validate_config
 from pgolf.recipe_commands import flat_recipe_config, recipe_differences
 from pgolf.recipes import RECIPES, get_recipe
 from pgolf.train.loop import train_run

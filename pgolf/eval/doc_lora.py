@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from pgolf.config import EVAL_LORA_TARGETS
+from pgolf.config_rules import EVAL_LORA_TARGETS
 from pgolf.errors import UserError
 
 MODULE_TARGETS = {"attn.c_q": "q", "attn.c_k": "k", "attn.c_v": "v", "attn.proj": "o", "mlp.fc": "mlp",

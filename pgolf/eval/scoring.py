@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pgolf.config import EVAL_COMPILE_SCOPES
+from pgolf.config_rules import EVAL_COMPILE_SCOPES
 from pgolf.dist import cuda_sync
 from pgolf.errors import UserError
 

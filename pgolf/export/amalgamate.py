@@ -28,7 +28,8 @@ import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgolf.config import RunConfig, config_hash, validate_config
+from pgolf.config import RunConfig, config_hash
+from pgolf.config_rules import validate_config
 from pgolf.errors import UserError
 from pgolf.export.hyperparams import settings_section
 from pgolf.export.manifest import (

@@ -55,6 +55,7 @@ class ScriptModule:
 SCRIPT_MODULES = (
     ScriptModule("pgolf.errors"),
     ScriptModule("pgolf.config"),
+    ScriptModule("pgolf.config_rules"),
     ScriptModule("pgolf.data.shards"),
     ScriptModule("pgolf.data.loader"),
     ScriptModule("pgolf.fileio"),

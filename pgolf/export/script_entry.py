@@ -10,7 +10,8 @@ tree, whose unknown keys are errors.
 import os
 import sys
 
-from pgolf.config import ConfigError, RunConfig, coerce_value, validate_config
+from pgolf.config import ConfigError, RunConfig, coerce_value
+from pgolf.config_rules import validate_config
 from pgolf.errors import UserError
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.config import RunConfig, config_hash, validate_config
+from pgolf.config import RunConfig, config_hash
+from pgolf.config_rules import validate_config
 from pgolf.data.loader import train_token_stream
 from pgolf.data.manifest import check_data_manifest
 from pgolf.data.shards import FILE_AUDIT, list_shards
