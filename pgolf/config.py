@@ -155,7 +155,12 @@ class QuantConfig:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block_size: int = 128
     act_order: bool = True
+    act_order_direction: str = "desc"  # act_order's column order by diag(H): desc (standard) | asc (PR #535)
+    gptq_update: str = "cholesky"  # error feedback: cholesky (U of H^-1, standard) | inverse (rows of H^-1: #535)
     calib_batches: int = 32  # training batches (per rank) for the Hessians (32 x 98k tokens: ~5 s on an H100)
+    calib_source: str = "train"  # train (fresh training batches) | self (sampled from the model: PR #1427)
+    calib_seqs: int = 8  # calib_source=self: sequences of train.seq_len per batch (calib_batches batches per rank)
+    calib_temperature: float = 0.8  # calib_source=self: the sampling temperature
     passthrough_numel: int = 65_536  # tensors this small are stored as fp16
     codec: str = "auto"  # auto | zlib | lzma | zstd | brotli (auto = smallest)
     size_cap: int = 16_000_000  # decimal bytes, code + artifact
@@ -188,7 +193,7 @@ class EvalConfig:
     precompile: bool = False  # compile the passes' graphs before them, on random tokens (pgolf.eval.warmup)
     sliding_stride: int = 64  # 0 = no sliding-window pass
     ttt: bool = False  # score-first test-time training
-    ttt_mode: str = "sgd"  # sgd (all weights) | lora
+    ttt_mode: str = "sgd"  # sgd (all weights) | muon (all weights, Newton-Schulz update: PR #1062) | lora | doc_lora
     ttt_chunk_tokens: int = 32_768
     ttt_epochs: int = 3
     ttt_lr: float = 0.002
@@ -196,6 +201,9 @@ class EvalConfig:
     ttt_batch_seqs: int = 32
     ttt_grad_clip: float = 1.0
     ttt_lora_rank: int = 8
+    ttt_ns_steps: int = 5  # ttt_mode=muon: Newton-Schulz iterations of each matrix's update
+    ttt_freeze_blocks: int = 0  # ttt_mode=sgd|muon: blocks.0 .. blocks.N-1 are not adapted
+    ttt_freeze_scope: str = "all"  # what of those blocks is frozen: all | vectors (their <2-D parameters, as #1062)
     ttt_time_limit_s: float = 0.0  # 0 = none; past it the remaining chunks are scored without adapting
     ttt_stride: int = 0  # stream TTT window stride; 0 = sliding_stride or seq_len (sliding_stride=0: TTT alone scores)
     doc_isolated: bool = False  # plain / sliding passes: document-masked attention, no context crosses a BOS

@@ -32,9 +32,13 @@ FIELD_CHOICES = {
     "quant.clip": ("sdclip", "search", "percentile", "pct_search", "none"),
     "quant.scale_floor": ("tiny", "inv_qmax"),
     "quant.clip_select": ("row", "matrix"),
+    "quant.act_order_direction": ("desc", "asc"),
+    "quant.calib_source": ("train", "self"),
+    "quant.gptq_update": ("cholesky", "inverse"),
     "quant.group_by": ("bits", "role"),
     "quant.codec": ("auto", "zlib", "lzma", "zstd", "brotli"),
-    "eval.ttt_mode": ("sgd", "lora", "doc_lora"),
+    "eval.ttt_mode": ("sgd", "muon", "lora", "doc_lora"),
+    "eval.ttt_freeze_scope": ("all", "vectors"),
     "eval.compile_scope": EVAL_COMPILE_SCOPES,
 }
 
@@ -101,7 +105,8 @@ FIELD_RANGES = {
     "quant.fit_k_min": FieldRange(0, 64, low_open=True, high_open=True),
     "quant.fit_margin": FieldRange(0, 0.1, high_open=True), "quant.sdclip_k_embed": RANGE_POSITIVE,
     "quant.damp": RANGE_NON_NEGATIVE, "quant.block_size": RANGE_AT_LEAST_ONE,
-    "quant.calib_batches": RANGE_NON_NEGATIVE, "quant.passthrough_numel": RANGE_NON_NEGATIVE,
+    "quant.calib_batches": RANGE_NON_NEGATIVE, "quant.calib_seqs": RANGE_AT_LEAST_ONE,
+    "quant.calib_temperature": RANGE_POSITIVE, "quant.passthrough_numel": RANGE_NON_NEGATIVE,
     "quant.size_cap": RANGE_AT_LEAST_ONE, "quant.sdclip_k_attn": RANGE_NON_NEGATIVE,
     "quant.sdclip_k_mlp": RANGE_NON_NEGATIVE, "quant.gate_bits": FieldRange(0, 8),
     "quant.lqer_top_k": RANGE_NON_NEGATIVE, "quant.lqer_rank": RANGE_AT_LEAST_ONE,
@@ -111,7 +116,8 @@ FIELD_RANGES = {
     "eval.sliding_stride": RANGE_NON_NEGATIVE, "eval.ttt_chunk_tokens": RANGE_AT_LEAST_ONE,
     "eval.ttt_epochs": RANGE_AT_LEAST_ONE, "eval.ttt_lr": RANGE_NON_NEGATIVE, "eval.ttt_momentum": RANGE_DECAY,
     "eval.ttt_batch_seqs": RANGE_AT_LEAST_ONE, "eval.ttt_grad_clip": RANGE_NON_NEGATIVE,
-    "eval.ttt_lora_rank": RANGE_AT_LEAST_ONE, "eval.ttt_time_limit_s": RANGE_NON_NEGATIVE,
+    "eval.ttt_lora_rank": RANGE_AT_LEAST_ONE, "eval.ttt_ns_steps": RANGE_AT_LEAST_ONE,
+    "eval.ttt_freeze_blocks": RANGE_NON_NEGATIVE, "eval.ttt_time_limit_s": RANGE_NON_NEGATIVE,
     "eval.time_budget_s": RANGE_NON_NEGATIVE,
     "eval.ttt_stride": RANGE_NON_NEGATIVE, "eval.ttt_doc_chunk": RANGE_AT_LEAST_ONE,
     "eval.ttt_doc_batch": RANGE_AT_LEAST_ONE, "eval.ttt_lora_alpha": RANGE_POSITIVE,
@@ -213,6 +219,15 @@ def config_relations(cfg: RunConfig) -> list[tuple[bool, str]]:
          f"eval.val_tokens={e.val_tokens} must be 0 (the whole validation split) or at least 2"),
         (e.ttt_stride <= eval_seq,
          f"eval.ttt_stride={e.ttt_stride} exceeds the evaluation's sequence length {eval_seq}"),
+        (m.bos_mask or not (e.doc_isolated or (e.ttt and e.ttt_mode == "doc_lora")),
+         "eval.doc_isolated / eval.ttt_mode=doc_lora score each document alone, but model.bos_mask=false lets the "
+         "smear gate and BigramHash carry the previous document's last token into a BOS position: set "
+         "model.bos_mask=true"),
+        (e.ttt_freeze_blocks <= m.num_layers,
+         f"eval.ttt_freeze_blocks={e.ttt_freeze_blocks} exceeds model.num_layers={m.num_layers}"),
+        (e.ttt_freeze_blocks == 0 or e.ttt_mode in ("sgd", "muon"),
+         f"eval.ttt_freeze_blocks applies to eval.ttt_mode=sgd|muon (the modes that adapt the blocks' weights), "
+         f"not {e.ttt_mode!r}"),
         (bool(lora_targets) and set(lora_targets) <= set(EVAL_LORA_TARGETS),
          f"eval.ttt_lora_targets={e.ttt_lora_targets!r} must be a comma list of {','.join(EVAL_LORA_TARGETS)}"),
     ]

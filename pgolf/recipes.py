@@ -115,7 +115,8 @@ def recipe_tiny() -> RunConfig:
 # GPTQ Hessians are a timed phase inside train.wallclock_s - train.calib_reserve_s). Attention stays `auto`
 # where a PR ran FA3: it is FA3 wherever flash_attn_interface imports, and the same math elsewhere.
 # Each recipe sets seed-systems.md's quantization pieces M3-M5 (quant.overrides, scale_floor, clip=pct_search)
-# and TTT-only scoring M8 (eval.ttt_stride) where its PR has them; the Muon-style TTT of #1062 (M9) is not built.
+# TTT-only scoring M8 (eval.ttt_stride) and #1062's Muon-style TTT with frozen blocks M9 (eval.ttt_mode=muon,
+# eval.ttt_freeze_blocks) where its PR has them.
 NTK_ROPE_BASE_2048 = 22081.79  # 10000 * 2**(16/14): the base the #414-lineage Rotary(train_seq_len=1024) uses at 2048
 
 
@@ -138,12 +139,15 @@ def recipe_pr1062() -> RunConfig:
     projections trained by the scalar AdamW (model.aux_proj_init, optim.aux_proj_group), grad clip 0.3 on each
     rank's own grads (optim.clip_scope), a 10 s calibration reserve of 8 batches (the script's 6.29 M tokens,
     all-reduced here where the script keeps each rank's 64 batches), damping 0.02, percentile clip search without
-    fit_k, lzma, TTT lr 0.002 without momentum, no QAT, seed 1337. Set below: TTT as the only scoring pass, the
-    percentile clip candidates, RTN for tok_emb, the 1/31 scale floor. Missing in pgolf: the Muon-style TTT
-    update with frozen first blocks (M9: pgolf's TTT is SGD), the tok_emb row quantile 0.9999984; bf16
-    Muon momentum buffers (pgolf keeps them fp32). Not built on purpose: SLOT, the PR's headline 1.1001 (it
-    fits on the targets before scoring them: illegal), the scripts' repeated scoring of the last sliding
-    windows (pgolf scores each target once).
+    fit_k, lzma, TTT lr 0.002, no QAT, seed 1337. Set below: TTT as the only scoring pass, the percentile clip
+    candidates, RTN for tok_emb, the 1/31 scale floor, and the PR's Muon-style TTT (M9: each matrix's gradient
+    orthogonalised by 5 Newton-Schulz steps, vectors by plain steps, no momentum) with the vectors of blocks 0
+    and 1 frozen (the PR freezes `blocks.0/1.*`, which in its layout hold only those blocks' scalars: its
+    matrices live in 3-D parameter banks outside the blocks). Differs: pgolf orthogonalises each layer's matrix
+    on its own, the PR its banks (P1176:1326-1335), not reproduced bit for bit. Missing in pgolf: the tok_emb
+    row quantile 0.9999984; bf16 Muon momentum buffers (pgolf keeps them fp32). Not built on purpose: SLOT,
+    the PR's headline 1.1001 (it fits on the targets before scoring them: illegal), the scripts' repeated
+    scoring of the last sliding windows (pgolf scores each target once).
     """
     cfg = recipe_record()
     cfg.recipe = "pr1062"
@@ -170,14 +174,16 @@ def recipe_pr1062() -> RunConfig:
     q.codec = "lzma"
     cfg.eval.ttt_lr = 0.002
     cfg.eval.ttt_momentum = 0.0
-    # seed-systems.md M3-M5, M8 (P1176:1182-1360, 1461-1610): tok_emb int8 RTN (pgolf's RTN clips by its
+    # seed-systems.md M3-M5, M8, M9 (P1176:1182-1360, 1461-1610): tok_emb int8 RTN (pgolf's RTN clips by its
     # embedding rule, not the PR's row quantile 0.9999984), the 1/31 scale floor, the best of 5 row-quantile
-    # clips per matrix by the GPTQ result's MSE, TTT as the only scoring pass. Not built (M9): the PR's
-    # Muon-style TTT update and frozen blocks.0/1; pgolf's TTT here is SGD.
+    # clips per matrix by the GPTQ result's MSE, TTT as the only scoring pass, the Muon-style TTT update with
+    # the scalars of blocks.0/1 frozen.
     q.overrides = ("tok_emb.weight=rtn",)
     q.scale_floor = "inv_qmax"
     q.clip, q.clip_select = "pct_search", "matrix"
     cfg.eval.sliding_stride, cfg.eval.ttt_stride = 0, 64
+    cfg.eval.ttt_mode, cfg.eval.ttt_ns_steps = "muon", 5
+    cfg.eval.ttt_freeze_blocks, cfg.eval.ttt_freeze_scope = 2, "vectors"
     return cfg
 
 
@@ -191,8 +197,10 @@ def recipe_pr535() -> RunConfig:
     one batch (786,432 tokens) inside a 3 s reserve, percentile clip search without fit_k, zstd, no TTT, seed 7 (the PR
     ran 7, 314, 2024). Not built on purpose: calibration after the 600 s timer, which closed the PR (pgolf's
     calibration is a timed phase), and the repeated scoring of the last sliding windows. Set below: the per-row
-    percentile clips fixed before GPTQ, RTN for tok_emb, the 1/31 scale floor. Missing in pgolf: the
-    ascending column order, raw-inverse GPTQ update and quantile(0.9995) STE (M14, bit-fidelity only).
+    percentile clips fixed before GPTQ, RTN for tok_emb, the 1/31 scale floor, and the PR's GPTQ sweep (M14:
+    columns by ascending diag(H), error feedback from the rows of H^-1 itself). Missing in pgolf: the tok_emb
+    row quantile 0.9999984 (pgolf's RTN clips it by its embedding rule) and the PR's quantile(0.9995) QAT
+    STE, which never ran (QAT off, above).
     """
     cfg = recipe_record()
     cfg.recipe = "pr535"
@@ -214,6 +222,7 @@ def recipe_pr535() -> RunConfig:
     q.overrides = ("tok_emb.weight=rtn",)
     q.scale_floor = "inv_qmax"
     q.clip, q.clip_select = "pct_search", "row"
+    q.act_order_direction, q.gptq_update = "asc", "inverse"  # M14 (P535:921-945)
     return cfg
 
 
@@ -224,10 +233,14 @@ def recipe_pr1427() -> RunConfig:
     as the PR's logged parameter count shows): 11 layers, slope 0.75, RoPE on 16 dims, XSA on the last 4, a
     bf16 residual and bf16 tok_emb master (the script's model is bf16), GPTQ int6 with percentile clips and damping
     0.02 on one training batch inside a 3 s reserve, lzma, seed 1337; plain roundtrip scoring, no sliding
-    pass. Not built on purpose: the PR generated 64 calibration sequences from the model after the timer
-    (56.8 s); pgolf calibrates on training tokens inside the budget instead (M11, a self-generated source
-    inside the reserve, is not planned). Set below: the per-matrix percentile clips, RTN for tok_emb, the
-    1/31 scale floor. Missing in pgolf: the self-generated calibration (M11).
+    pass. Not built on purpose: calibration after the timer. The PR sampled 64 calibration sequences from
+    the model after it (56.8 s); this recipe calibrates on one training batch inside a 3 s reserve instead.
+    The PR's source, inside the timer, is `--set quant.calib_source=self --set quant.calib_batches=8 --set
+    quant.calib_seqs=8 --set train.calib_reserve_s=60` (M11: random first token, temperature 0.8, batches of
+    8; its cost on the GPU is not measured yet, so the reserve is the PR's time plus a margin, and those
+    seconds come out of training). Set below: the per-matrix percentile clips, RTN for tok_emb, the 1/31
+    scale floor. Missing in pgolf: the tok_emb row quantile 0.9999984 of the PR's RTN (pgolf's RTN clips it
+    by its embedding rule).
     """
     cfg = recipe_baseline()
     cfg.recipe = "pr1427"

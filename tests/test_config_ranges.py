@@ -102,6 +102,10 @@ def test_relations_between_fields():
     rejects(["train.wallclock_s=10", "train.calib_reserve_s=10"], "train.calib_reserve_s=10")
     rejects(["eval.sliding_stride=256"], "eval.sliding_stride=256", "128")
     rejects(["quant.clip=search", "quant.fit_k=true"], "quant.fit_k", "'search'")
+    rejects(["model.bos_mask=false", "eval.doc_isolated=true"], "model.bos_mask=false", "BOS position")
+    rejects(["model.bos_mask=false", "eval.ttt=true", "eval.ttt_mode=doc_lora"], "eval.ttt_mode=doc_lora")
+    rejects(["eval.ttt_freeze_blocks=5"], "eval.ttt_freeze_blocks=5", "num_layers=4")
+    rejects(["eval.ttt_mode=lora", "eval.ttt_freeze_blocks=1"], "eval.ttt_freeze_blocks", "'lora'")
     ok = apply_overrides(get_recipe("tiny"), ["model.recur_loops=1", "model.recur_first=1", "model.recur_last=2",
                                               "model.parallel_resid_from=3", "eval.seq_len=256",
                                               "eval.sliding_stride=256"])

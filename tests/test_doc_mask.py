@@ -64,7 +64,7 @@ def test_block_mask_matches_the_dense_mask_tile_by_tile():
     assert torch.equal(full, every & ~torch.eye(2, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("t", [48, 256])
+@pytest.mark.parametrize("t", [48, 200, 256])  # 48 and 200 are padded to whole tiles
 def test_flex_and_dense_mask_agree_with_the_reference(t):
     torch.manual_seed(0)
     x = packed_rows(t, seed=t)
@@ -87,6 +87,28 @@ def test_flex_and_dense_mask_agree_with_the_reference(t):
     (out_ref * w).sum().backward()
     for a, b in ((qs, qr), (ks, kr), (vs, vr)):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_the_block_mask_is_built_outside_compiled_graphs():
+    """Traced into a graph, Inductor's code for the mask gave NaN gradients on the GPU (the module docstring):
+    a compiled caller must get it from an eager call, not from ops of its own graph."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def caller(doc):
+        mask = doc_block_mask(doc)
+        return mask.kv_num_blocks.sum() + doc.sum()
+
+    doc = batch_document_ids(packed_rows(200, seed=3))
+    torch._dynamo.reset()
+    out = torch.compile(caller, backend=recording_backend)(doc)
+    assert int(out) == int(caller(doc))
+    traced = [str(node.target) for gm in graphs for node in gm.graph.nodes]
+    assert graphs and not any("argsort" in name or "sort" in name for name in traced), traced
+    assert doc_block_mask(doc).seq_lengths == (256, 256)  # 200 positions padded to two tiles
 
 
 def test_reference_masks_across_documents():
@@ -281,3 +303,16 @@ def test_the_exported_script_carries_the_module_only_with_the_flag():
     assert left_out["pgolf.model.doc_attention"].startswith("cfg.train.doc_mask or ")
     cfg.train.doc_mask = True
     assert "pgolf.model.doc_attention" in module_manifest(cfg)[0]
+
+
+@pytest.mark.gpu
+def test_compiled_flex_takes_rows_that_are_not_whole_tiles_on_cuda():
+    """A tail window (1,808 tokens on the proxy's val stream) through the compiled flex kernel: padded to
+    whole tiles, it matches the reference (a 16-token tile failed to lower before)."""
+    torch.manual_seed(0)
+    x = packed_rows(200, seed=7).cuda()
+    doc = batch_document_ids(x)
+    q = torch.randn(3, 200, 4, 64, device="cuda")
+    k, v = torch.randn(3, 200, 2, 64, device="cuda"), torch.randn(3, 200, 2, 64, device="cuda")
+    out = doc_flex_attention(q, k, v, doc_block_mask(doc))
+    torch.testing.assert_close(out, doc_reference_attention(q, k, v, doc), atol=1e-4, rtol=1e-4)

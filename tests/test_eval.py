@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from pgolf.config import EvalConfig
 from pgolf.data.bytes import ByteLUT
@@ -11,7 +12,8 @@ from pgolf.errors import UserError
 from pgolf.eval.bpb import BpbAccumulator, evaluate_plain
 from pgolf.eval.sliding import evaluate_sliding, sliding_windows
 from pgolf.eval.toy import EvalToyModel
-from pgolf.eval.ttt import evaluate_ttt
+from pgolf.eval.ttt import NewtonSchulzStep, evaluate_ttt, prepare_ttt_model, ttt_optimizer, ttt_train_chunk
+from pgolf.optim.muon import newton_schulz5
 
 VOCAB = 64
 
@@ -133,7 +135,7 @@ def test_rank_shares_add_up_to_the_single_rank_result(which):
     assert bool((sum(p["per_token_count"] for p in parts)[1:] == 1).all())
 
 
-@pytest.mark.parametrize("mode", ["sgd", "lora"])
+@pytest.mark.parametrize("mode", ["sgd", "muon", "lora"])
 def test_ttt_with_zero_lr_equals_sliding(mode):
     model, lut, tokens = EvalToyModel(VOCAB), toy_lut(), toy_tokens(300)
     slide = evaluate_sliding(model, tokens, lut, seq_len=32, stride=8, batch_seqs=4, return_per_token=True)
@@ -144,7 +146,7 @@ def test_ttt_with_zero_lr_equals_sliding(mode):
     assert ttt["val_loss"] == pytest.approx(slide["val_loss"], rel=1e-12, abs=0)
 
 
-@pytest.mark.parametrize("mode", ["sgd", "lora"])
+@pytest.mark.parametrize("mode", ["sgd", "muon", "lora"])
 def test_ttt_adapts_a_copy_score_first(mode):
     model, lut, tokens = EvalToyModel(VOCAB), toy_lut(), toy_tokens(300)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -160,6 +162,55 @@ def test_ttt_adapts_a_copy_score_first(mode):
     assert not torch.allclose(ttt["per_token_nll"][100:], slide["per_token_nll"][100:])
     kinds = [(ev["event"], ev["chunk"]) for ev in ttt["trace"]]
     assert kinds[:3] == [("score", 0), ("update", 0), ("update", 0)] and kinds[-1] == ("score", 4)
+
+
+def test_the_muon_ttt_step_orthogonalises_matrices_and_steps_vectors_plainly():
+    gen = torch.Generator().manual_seed(4)
+    matrix, vector = nn.Parameter(torch.randn(6, 10, generator=gen)), nn.Parameter(torch.randn(10, generator=gen))
+    g_matrix, g_vector = torch.randn(6, 10, generator=gen), torch.randn(10, generator=gen)
+    before_m, before_v = matrix.detach().clone(), vector.detach().clone()
+    matrix.grad, vector.grad = g_matrix.clone(), g_vector.clone()
+    opt = ttt_optimizer([matrix, vector], ttt_cfg(ttt_mode="muon", ttt_lr=0.1, ttt_ns_steps=5))
+    assert isinstance(opt, NewtonSchulzStep)
+    opt.step()
+    opt.step()  # no momentum: the second step repeats the first
+    assert torch.allclose(matrix.detach(), before_m - 0.2 * newton_schulz5(g_matrix, 5), atol=1e-6)
+    assert torch.allclose(vector.detach(), before_v - 0.2 * g_vector, atol=1e-6)
+    singular = torch.linalg.svdvals(newton_schulz5(g_matrix, 5))
+    assert float(singular.min()) > 0.5 and float(singular.max()) < 1.3  # the update is orthogonalised, not g
+    assert isinstance(ttt_optimizer([matrix], ttt_cfg(ttt_mode="sgd")), torch.optim.SGD)
+
+
+@pytest.mark.parametrize("scope", ["all", "vectors"])
+def test_ttt_leaves_the_frozen_blocks_as_they_are(scope):
+    from pgolf.model.gpt import GPT
+    from pgolf.recipes import recipe_tiny
+
+    cfg = recipe_tiny().model
+    cfg.vocab_size, cfg.num_layers = VOCAB, 3
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    ecfg = ttt_cfg(ttt_mode="muon", ttt_freeze_blocks=2, ttt_freeze_scope=scope)
+    work, params = prepare_ttt_model(model, ecfg)
+    adapted = {id(p) for p in params}
+    for name, p in work.named_parameters():
+        frozen = name.startswith(("blocks.0.", "blocks.1.")) and (scope == "all" or p.ndim < 2)
+        assert (id(p) in adapted) != frozen and p.requires_grad != frozen, name
+    assert any(n.startswith("blocks.1.") and p.ndim == 2 and id(p) in adapted
+               for n, p in work.named_parameters()) == (scope == "vectors")
+    before = {k: v.clone() for k, v in work.state_dict().items()}
+    tokens = toy_tokens(200)
+    opt = ttt_optimizer(params, ecfg)
+    ttt_train_chunk(work, params, opt, tokens, 0, 65, 32, ecfg, 0, 1, [], 0, 0)
+    after = work.state_dict()
+    changed = {name for name, _ in work.named_parameters() if not torch.equal(after[name], before[name])}
+    assert not any(id(p) not in adapted and name in changed for name, p in work.named_parameters())
+    assert "blocks.2.attn.c_q.weight" in changed and "blocks.2.mlp.fc.weight" in changed
+    assert ("blocks.1.attn.c_q.weight" in changed) == (scope == "vectors")
+    only_blocks = nn.Module()
+    only_blocks.blocks = nn.ModuleList([nn.Linear(4, 4)])
+    with pytest.raises(UserError, match="ttt_freeze_blocks=1 leaves TTT nothing to adapt"):
+        prepare_ttt_model(only_blocks, ttt_cfg(ttt_freeze_blocks=1))
 
 
 def test_ttt_time_limit_stops_adapting():

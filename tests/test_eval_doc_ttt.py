@@ -23,9 +23,11 @@ VOCAB, BOS = 32, 1
 BOS_AT = (0, 30, 41, 90, 150, 175, 200)
 
 
-def tiny_gpt() -> GPT:
+def tiny_gpt(**model_fields) -> GPT:
     cfg = recipe_tiny().model
     cfg.vocab_size, cfg.num_layers, cfg.bigram_buckets, cfg.xsa_last_n, cfg.ve_last_n = VOCAB, 2, 0, 1, 0
+    for key, value in model_fields.items():
+        setattr(cfg, key, value)
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     gen = torch.Generator().manual_seed(1)
@@ -74,8 +76,10 @@ def test_documents_predict_every_target_once_and_the_queue_runs_longest_first():
     assert phase_points([[0, 1, 2, 3]], 4, 2) == {}  # nothing left to score after the last batch
 
 
-def test_doc_isolated_scoring_gives_a_later_document_no_context_from_the_earlier():
-    model, tokens = tiny_gpt(), doc_stream()
+@pytest.mark.parametrize("features", ["smear_gate", "smear_gate_v2"])
+def test_doc_isolated_scoring_gives_a_later_document_no_context_from_the_earlier(features):
+    model, tokens = tiny_gpt(bigram_buckets=32, ve_last_n=1, smear_gate=features == "smear_gate",
+                             smear_gate_v2=features == "smear_gate_v2"), doc_stream()
     x, y = tokens[None, 20:41], tokens[None, 21:42]  # crosses the BOS at 30; the one at 41 is its last target
     with torch.no_grad():
         masked = score_token_nll(DocIsolated(model), x, y)[0]

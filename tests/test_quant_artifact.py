@@ -14,6 +14,7 @@ from pgolf.config import QuantConfig
 from pgolf.errors import UserError
 from pgolf.quant.artifact import inspect_artifact, read_artifact, read_quantized, write_artifact
 from pgolf.quant.commands import add_quant_commands
+from pgolf.quant.gptq import gptq_quantize
 from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.pipeline import export_artifact, quantize_state
 from pgolf.quant.policy import tensor_rule
@@ -91,6 +92,18 @@ def quantized_tiny():
     state["step"] = torch.tensor(7)
     state["half"] = torch.randn(5, dtype=torch.bfloat16)
     return model, hs, state, quantize_state(state, hs, tiny_cfg())
+
+
+def test_the_pipeline_runs_the_configured_gptq_sweep():
+    model, hs, state, standard = quantized_tiny()
+    cfg = tiny_cfg(act_order_direction="asc", gptq_update="inverse")
+    variant = quantize_state(state, hs, cfg)
+    name = "mlp_proj.weight"
+    rule = tensor_rule(name, tuple(state[name].shape), True, cfg)
+    q, scale, _ = gptq_quantize(state[name], hs[name], rule.bits, rule.clip, rule.k_at(None), cfg.damp,
+                                cfg.block_size, direction="asc", update="inverse")
+    assert torch.equal(variant.tensors[name].q, q) and torch.equal(variant.tensors[name].scale, scale)
+    assert not torch.equal(standard.tensors[name].q, q)
 
 
 def test_artifact_round_trip_is_exact(tmp_path):

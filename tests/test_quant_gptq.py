@@ -46,6 +46,42 @@ def test_diagonal_hessian_with_act_order_equals_rtn():
     assert torch.equal(q, q_rtn) and torch.equal(scale, scale_rtn)
 
 
+def pr535_sweep_reference(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: int, damp: float):
+    """PR #535's column loop written plainly: ascending diag(H), one column at a time, the error fed forward
+    with the rows of the damped H⁻¹ itself. Returns the integer values in the original column order."""
+    qmax = 2 ** (bits - 1) - 1
+    perm = torch.argsort(torch.diagonal(h), stable=True)
+    hp = h[perm][:, perm].double()
+    hp = hp + damp * hp.diagonal().mean() * torch.eye(hp.shape[0], dtype=hp.dtype)
+    hinv = torch.linalg.inv(hp)
+    wp, s = w[:, perm].double().clone(), scale.double()
+    q = torch.zeros_like(wp)
+    for i in range(wp.shape[1]):
+        q[:, i] = torch.clamp(torch.round(wp[:, i] / s), -qmax, qmax)
+        err = (wp[:, i] - q[:, i] * s) / hinv[i, i]
+        wp[:, i + 1:] -= err[:, None] * hinv[i, i + 1:][None, :]
+    return q[:, torch.argsort(perm)]
+
+
+def test_the_pr535_gptq_variant_is_its_plain_column_loop_and_the_standard_one_is_better():
+    w, h = heavy_tailed(24, 40, seed=11), correlated_hessian(40, seed=12) + 0.05 * torch.eye(40)
+    q, scale, _ = gptq_quantize(w, h, 6, k=4.0, block_size=16, direction="asc", update="inverse")
+    reference = pr535_sweep_reference(w, h, scale.float(), 6, 0.01)
+    assert (q.double() != reference).float().mean().item() < 0.01  # float32 sweep vs float64 loop: rare ties
+    q_std, scale_std, _ = gptq_quantize(w, h, 6, k=4.0, block_size=16)
+    q_asc, _, _ = gptq_quantize(w, h, 6, k=4.0, block_size=16, direction="asc")
+    assert not torch.equal(q, q_std) and not torch.equal(q_asc, q_std)
+    err = lambda q_, s_: hessian_error(w, dequantize_rows(q_, s_), h).sum().item()  # noqa: E731
+    assert err(q_std, scale_std) < err(q, scale)  # the raw-inverse feedback is not GPTQ's optimal update
+    diag = torch.diag(torch.rand(40, generator=torch.Generator().manual_seed(13)) + 0.1)
+    q_diag, scale_diag, _ = gptq_quantize(w, diag, 6, k=4.0, block_size=16, direction="asc", update="inverse")
+    assert torch.equal(q_diag, rtn_quantize(w, 6, k=4.0)[0])  # no feedback without correlations, as RTN
+    with pytest.raises(UserError, match="quant.gptq_update='raw'"):
+        gptq_quantize(w, h, 6, update="raw")
+    with pytest.raises(UserError, match="quant.act_order_direction='up'"):
+        gptq_quantize(w, h, 6, direction="up")
+
+
 def test_rtn_matches_qat_fake_quantizer():
     w = heavy_tailed(8, 64, seed=3)
     q, scale = rtn_quantize(w, 6, "sdclip", 12.85)

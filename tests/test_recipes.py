@@ -100,9 +100,11 @@ def test_seed_recipes_carry_the_pr_settings():
         "data.sampler": ("sequential", "coprime"), "model.embed_param_dtype": ("float32", "bfloat16"),
         "model.bos_mask": (True, False), "model.aux_proj_init": ("pgolf", "ortho"),
         "optim.aux_proj_group": ("matrix", "scalar"), "optim.clip_scope": ("global", "local"),
-        "optim.scalar_wd": (0.0, 0.04)}
+        "optim.scalar_wd": (0.0, 0.04), "eval.ttt_mode": ("sgd", "muon"), "eval.ttt_freeze_blocks": (0, 2),
+        "eval.ttt_freeze_scope": ("all", "vectors")}
     pr535, pr493 = get_recipe("pr535"), get_recipe("pr493")
     assert not pr535.eval.ttt and pr535.quant.codec == "zstd" and pr535.train.seed == 7
+    assert (pr535.quant.act_order_direction, pr535.quant.gptq_update) == ("asc", "inverse")
     assert pr493.quant.method == "rtn" and pr493.quant.clip == "none" and pr493.train.batch_tokens == 524_288
     assert pr493.model.ve_last_n == 0 and not pr493.model.ln_scale and pr493.train.warmdown_iters == 4500
     for cfg in (pr535, pr493):  # the #414 lineage: bf16 tables, scalar WD, no BOS mask, scaled .proj init

@@ -1,7 +1,7 @@
 """The seed systems' missing pieces (shared/reference/seed-systems.md, issue 26): bf16 embedding masters (M1),
 the BOS-masking switch (M6), the auxiliary projections' init (M7) and optimizer group (M12), per-rank
-gradient clipping (M13) and the coprime-stride multi-shard sampler (M10). Each is off by default; each test
-fails without its piece."""
+gradient clipping (M13), the coprime-stride multi-shard sampler (M10) and the self-generated calibration (M11).
+Each is off by default; each test fails without its piece."""
 
 import copy
 import math
@@ -263,3 +263,61 @@ def test_coprime_opens_every_shard_through_the_audit_and_checks_the_vocab(shards
     assert len(set(FILE_AUDIT.opened("train"))) == len(SHARD_SIZES)
     with pytest.raises(UserError, match="vocab_size"):
         CoprimeShardStream(shards, vocab_size=40_000)
+
+
+def test_self_generated_calibration_samples_the_model_s_own_distribution():
+    from pgolf.quant.hessian import generate_calibration, next_token_logits
+
+    torch.manual_seed(0)
+    model = GPT(small_model_cfg()).train()
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised projections would make every distribution alike
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    a = generate_calibration(model, 2, 3, 12, 0.8, seed=5)
+    assert model.training  # left as it was
+    assert [x.shape for x in a] == [(3, 12), (3, 12)] and all(x.dtype == torch.int64 for x in a)
+    assert all(int(x.min()) >= 0 and int(x.max()) < 64 for x in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, generate_calibration(model, 2, 3, 12, 0.8, seed=5), strict=True))
+    assert not torch.equal(a[0], generate_calibration(model, 1, 3, 12, 0.8, seed=6)[0])
+    greedy = generate_calibration(model, 1, 4, 10, 1e-4, seed=7)[0]  # near zero temperature: the argmax path
+    with torch.no_grad():
+        model.eval()
+        for t in range(1, 10):
+            assert torch.equal(greedy[:, t], next_token_logits(model, greedy[:, :t]).argmax(dim=-1)), t
+    with pytest.raises(UserError, match="calib_temperature=0"):
+        generate_calibration(model, 1, 1, 4, 0.0, seed=0)
+
+
+def test_a_run_with_self_calibration_reads_no_shard_for_its_hessians(tmp_path, monkeypatch):
+    from pgolf.quant.hessian import collect_hessians, generate_calibration
+    from pgolf.train import loop
+    from pgolf.train.loop import CALIB_SEED_STRIDE, train_run
+    from tests.conftest import write_wiki_shards
+    from tests.test_train_loop import small_cfg
+
+    (tmp_path / "wiki").mkdir()
+    data = write_wiki_shards(tmp_path / "wiki", 1_500, 40_000)
+    cfg = small_cfg(data, tmp_path, "selfcal", max_steps=3)
+    cfg.quant.enabled, cfg.quant.calib_batches, cfg.quant.calib_seqs = True, 2, 2
+    cfg.quant.calib_source, cfg.quant.calib_temperature = "self", 0.9
+    batches_read = []
+    real_stream = loop.train_token_stream
+
+    def counting_stream(*args, **kwargs):
+        stream = real_stream(*args, **kwargs)
+        real_next = stream.next_batch
+        stream.next_batch = lambda *a, **k: batches_read.append(FILE_AUDIT.current_phase) or real_next(*a, **k)
+        return stream
+
+    monkeypatch.setattr(loop, "train_token_stream", counting_stream)
+    record = train_run(cfg, final_eval=False)
+    assert record["status"] == "ok" and "calibration" not in batches_read and len(batches_read) >= 3
+    hessians, meta = read_tensors(tmp_path / "selfcal" / "hessians.pgw")
+    assert meta["source"] == "self"
+    weights, _ = read_tensors(tmp_path / "selfcal" / "model.pgw")
+    model = GPT(cfg.model)
+    model.load_state_dict(weights)
+    inputs = generate_calibration(model, 2, 2, cfg.train.seq_len, 0.9, cfg.train.seed + CALIB_SEED_STRIDE * 0)
+    again = collect_hessians(model, inputs, passthrough_numel=cfg.quant.passthrough_numel)
+    assert set(again) == set(hessians) and len(hessians) > 0
+    assert all(torch.allclose(again[k], hessians[k], rtol=1e-5, atol=1e-7) for k in hessians)

@@ -7,8 +7,10 @@ learns to end a document). The documents together predict every target 1 .. n - 
 
 `DocIsolated` wraps a model so that every forward it runs is document-masked (pgolf.model.doc_attention, built
 from the batch's own BOS tokens): a window that spans a BOS scores the later document without any context from
-the earlier one. The plain and sliding passes score through it unchanged (the fast path takes it as a model
-without a head split; the legality probes see the same masked scorer).
+the earlier one. The input features cross no BOS either: the smear gates and BigramHash treat a BOS as a
+document start under model.bos_mask, which pgolf.config_rules requires of document-isolated scoring. The plain
+and sliding passes score through it unchanged (the fast path takes it as a model without a head split; the
+legality probes see the same masked scorer).
 """
 
 import torch

@@ -3,9 +3,11 @@
 The stream is cut into chunks of ttt_chunk_tokens; each sliding window belongs to the chunk that holds the
 first target it scores. For each chunk in order: (1) score its windows without gradients, (2) unless it is
 the last chunk, train on the chunk's tokens (only tokens whose targets have all been scored by now) for
-ttt_epochs epochs of SGD with momentum, lr = ttt_lr * 0.5 (1 + cos(pi c / (N - 1))). Mode "sgd" adapts every
-weight of a deep copy; mode "lora" adds zero-initialised low-rank adapters to every nn.Linear and adapts only
-those. The event trace (score / update, with the update count and the token range) lets
+ttt_epochs epochs, lr = ttt_lr * 0.5 (1 + cos(pi c / (N - 1))). Mode "sgd" adapts every weight of a deep copy by
+SGD with momentum; mode "muon" (PR #1062) adapts the same weights by NewtonSchulzStep (each matrix's gradient
+orthogonalised, no momentum); both leave the first ttt_freeze_blocks blocks (or only their vectors) as they
+are. Mode "lora" adds zero-initialised low-rank adapters to every nn.Linear and adapts only those. The event
+trace (score / update, with the update count and the token range) lets
 pgolf.eval.legality prove that every token was scored once, before any update that used it.
 
 Scoring goes through pgolf.eval.scoring (the scorer mode of eval.compile, or the `scorer` argument): the stream
@@ -16,6 +18,7 @@ forward and backward are compiled too where enough steps share one shape to repa
 
 import copy
 import math
+import re
 import time
 from collections import Counter
 
@@ -45,11 +48,13 @@ from pgolf.eval.scoring import (
     signatures_to_compile,
 )
 from pgolf.eval.sliding import score_windows, sliding_windows
+from pgolf.optim.muon import newton_schulz5
 
 # On one H100 (docs/benchmarks.md) a cold compile of the record model's forward and backward took 57 s, and a
 # step of 16 x 2048 tokens then took 33 ms instead of 89 ms eagerly: ~1,000 steps repay it. The default 3
 # epochs over the 98 adapted chunks of wiki-sp1024 make 294 (eager); FineWeb's 1,892 make 5,676 (compiled).
 TTT_COMPILE_MIN_STEPS = 1024
+BLOCK_PARAM = re.compile(r"(?:^|\.)blocks\.(\d+)\.")  # a parameter of block N, under any wrapper's prefix
 
 
 class TttLoraAdapter(nn.Module):
@@ -80,6 +85,38 @@ def attach_lora_adapters(model: nn.Module, rank: int) -> tuple[list[nn.Parameter
     if not params:
         raise UserError("eval.ttt_mode=lora: the model has no nn.Linear to attach adapters to")
     return params, hooks
+
+
+class NewtonSchulzStep(torch.optim.Optimizer):
+    """TTT's update in eval.ttt_mode=muon (PR #1062): p -= lr * newton_schulz5(grad, ns_steps) for a parameter
+    of two or more dims, p -= lr * grad for the others; no momentum, no shape scale, no weight decay."""
+
+    def __init__(self, params, lr: float, ns_steps: int):
+        super().__init__(params, {"lr": lr, "ns_steps": ns_steps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad if p.ndim < 2 else newton_schulz5(p.grad, group["ns_steps"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+
+
+def ttt_optimizer(params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
+    """The stream TTT's optimizer: NewtonSchulzStep in mode muon, SGD with ttt_momentum otherwise."""
+    if cfg.ttt_mode == "muon":
+        return NewtonSchulzStep(params, cfg.ttt_lr, cfg.ttt_ns_steps)
+    return torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
+
+
+def ttt_frozen(name: str, param: nn.Parameter, cfg) -> bool:
+    """Whether mode sgd / muon leaves this parameter as it is: it lies in blocks.0 .. blocks.{ttt_freeze_blocks-1}
+    (and, with ttt_freeze_scope=vectors, has fewer than two dims)."""
+    block = BLOCK_PARAM.search(name)
+    in_frozen_block = block is not None and int(block.group(1)) < cfg.ttt_freeze_blocks
+    return in_frozen_block and (cfg.ttt_freeze_scope == "all" or param.ndim < 2)
 
 
 def ttt_sum_grads(params: list[nn.Parameter]) -> None:
@@ -174,18 +211,23 @@ def ttt_train_chunk(model, params, opt, tokens, lo: int, hi: int, seq_len: int, 
 
 
 def prepare_ttt_model(model, cfg) -> tuple[nn.Module, list[nn.Parameter]]:
-    """A deep copy of the model and the parameters TTT adapts on it (all weights, or LoRA adapters)."""
+    """A deep copy of the model and the parameters TTT adapts on it (the weights outside the frozen blocks, or
+    LoRA adapters)."""
     work = copy.deepcopy(model)
-    if cfg.ttt_mode == "sgd":
-        params = list(work.parameters())
-        for p in params:
-            p.requires_grad_(True)
+    if cfg.ttt_mode in ("sgd", "muon"):
+        params = []
+        for name, p in work.named_parameters():
+            p.requires_grad_(not ttt_frozen(name, p, cfg))
+            if p.requires_grad:
+                params.append(p)
+        if not params:
+            raise UserError(f"eval.ttt_freeze_blocks={cfg.ttt_freeze_blocks} leaves TTT nothing to adapt")
     elif cfg.ttt_mode == "lora":
         for p in work.parameters():
             p.requires_grad_(False)
         params, _ = attach_lora_adapters(work, cfg.ttt_lora_rank)
     else:
-        raise UserError(f"eval.ttt_mode={cfg.ttt_mode!r} is not sgd|lora")
+        raise UserError(f"eval.ttt_mode={cfg.ttt_mode!r} is not sgd|muon|lora")
     for p in params:
         p.grad = torch.zeros_like(p)
     return work, params
@@ -248,7 +290,7 @@ def evaluate_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, rank: 
                                                   inspect)
     step = None if scorer == "reference" else ttt_step_compile(cfg, seq_len, n_chunks, scorer, device, rank,
                                                                 world_size)
-    opt = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
+    opt = ttt_optimizer(params, cfg)
     acc = BpbAccumulator(device)
     trace, updates, adapted, scored_upto, adapting = [], 0, 0, 0, True
     timer = SecondsSplit()

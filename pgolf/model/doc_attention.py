@@ -4,8 +4,12 @@ same document of their row. Built on torch.nn.attention.flex_attention; no atten
 Documents are given per position as ids of shape (B, T), non-decreasing along each row (pgolf.data.loader's
 `batch_document_ids`: a running count of the BOS tokens, so a row that starts inside a document gives that
 partial document its own id). The BlockMask is built from them once per batch (GPT.forward) at tile level,
-with tensor ops only (O(B (T/tile)^2), no (T, T) mask), so torch.compile traces it into the training graph
-with fixed shapes: one compile serves every batch. Tiles that lie inside one document and strictly below the
+with tensor ops only (O(B (T/tile)^2), no (T, T) mask), and always eagerly: `doc_block_mask` is kept out of
+every torch.compile graph (torch.compiler.disable), and the compiled graph takes the finished BlockMask as
+input with fixed shapes, so one compile still serves every batch. Traced into the training graph instead,
+Inductor's code for it (torch 2.11, one H200) gave non-finite gradients at the second step of the frontier
+recipe, where the same graphs under aot_eager or with the mask built eagerly trained (benchmarks/nan_probe.py,
+docs/benchmarks.md, 2026-12-04). Tiles that lie inside one document and strictly below the
 diagonal are "full" (no mask evaluated there); tiles that may mix documents or hold the diagonal are
 "partial" and run the mask per position; the rest are skipped.
 
@@ -26,10 +30,11 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 DOC_MASK_TILE = 128  # flex attention's default sparse block size
 
 
-def doc_mask_tile(seq_len: int) -> int:
-    """The BlockMask tile for rows of seq_len: 128 when it divides them, else the largest divisor of both
-    (small test rows), so that the tiles cover the row exactly."""
-    return math.gcd(seq_len, DOC_MASK_TILE)
+def padded_length(seq_len: int) -> int:
+    """seq_len rounded up to whole tiles: flex attention's compiled kernels need tiles of DOC_MASK_TILE (a
+    tile of 16, the gcd of a 1,808-token tail window and 128, fails to lower on CUDA), so a row of any other
+    length is padded at its end, the padding one document of its own that no real token reads (causal)."""
+    return -(-seq_len // DOC_MASK_TILE) * DOC_MASK_TILE
 
 
 def ordered_blocks(take: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,12 +45,16 @@ def ordered_blocks(take: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts.unsqueeze(1).contiguous(), order.unsqueeze(1).contiguous()
 
 
+@torch.compiler.disable
 def doc_block_mask(doc_ids: torch.Tensor) -> BlockMask:
-    """The causal same-document BlockMask of (B, T) document ids (non-decreasing along each row)."""
-    b, t = doc_ids.shape
-    tile = doc_mask_tile(t)
+    """The causal same-document BlockMask of (B, T) document ids (non-decreasing along each row), over
+    padded_length(T) positions (doc_flex_attention pads q, k, v to it)."""
+    b, real = doc_ids.shape
+    t, tile = padded_length(real), DOC_MASK_TILE
     n = t // tile
     doc = doc_ids.to(torch.int32)
+    if t > real:  # the padding: one more document after each row's last
+        doc = torch.cat([doc, (doc[:, -1:] + 1).expand(b, t - real)], dim=1)
     tiles = doc.view(b, n, tile)
     first, last = tiles[:, :, 0], tiles[:, :, -1]  # (B, n): the id range of each tile
     qi = torch.arange(n, device=doc.device)[:, None]
@@ -76,9 +85,13 @@ def doc_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     flex = flex_attention
     if q.is_cuda and not torch.compiler.is_compiling():
         flex = compiled_flex_attention()
+    t = q.size(1)
+    pad = block_mask.seq_lengths[0] - t
+    if pad:  # the mask covers whole tiles (padded_length)
+        q, k, v = (F.pad(a, (0, 0, 0, 0, 0, pad)) for a in (q, k, v))
     out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
                enable_gqa=k.size(2) != q.size(2))
-    return out.transpose(1, 2)
+    return out.transpose(1, 2)[:, :t]
 
 
 def doc_attention_mask(doc_ids: torch.Tensor) -> BlockMask | torch.Tensor:

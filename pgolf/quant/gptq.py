@@ -28,6 +28,10 @@ SEARCH_CLIP_FACTORS = (1.0, 0.9, 0.8, 0.7, 0.6)
 DAMP_RETRIES = 4
 # clip="pct_search" without quant.clip_quantiles: the seeds' row-quantile candidates (seed-systems M5).
 DEFAULT_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+# quant.act_order_direction: the column order by diag(H), largest first (standard GPTQ) or smallest first (#535).
+ACT_ORDER_DIRECTIONS = ("desc", "asc")
+# quant.gptq_update: error feedback from the upper factor U of H⁻¹ (standard) or from H⁻¹'s own rows (#535).
+GPTQ_UPDATES = ("cholesky", "inverse")
 
 
 def row_clip_candidates(w: torch.Tensor, clip: str, k: float, quantiles=None) -> torch.Tensor:
@@ -89,12 +93,16 @@ def hinv_factor_classic(h: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
-def damped_hinv_factor(h: torch.Tensor, damp: float):
+def damped_hinv_factor(h: torch.Tensor, damp: float, update: str = "cholesky"):
     """Add damp·mean(diag H) to the diagonal once and factor; where Cholesky fails, retry with 10× the damping.
 
     Returns (U, damp fractions used per matrix, number of retries). h is (N, C, C). The factor is computed
     in float64 (cheap next to the column sweep, and robust on ill-conditioned H) and returned as float32.
+    update="inverse" returns the damped H⁻¹ itself in place of U (quant.gptq_update; PR #535's sweep reads
+    its error feedback from the rows of H⁻¹, which skips the Schur-complement updates the factor carries).
     """
+    if update not in GPTQ_UPDATES:
+        raise UserError(f"quant.gptq_update={update!r} is not {'|'.join(GPTQ_UPDATES)}")
     h = h.double()
     mean_diag = h.diagonal(dim1=-2, dim2=-1).mean(dim=-1)
     fracs = torch.full_like(mean_diag, damp)
@@ -104,6 +112,8 @@ def damped_hinv_factor(h: torch.Tensor, damp: float):
         lower, status = torch.linalg.cholesky_ex(damped.flip(-2, -1))
         bad = status > 0
         if not bool(bad.any()):
+            if update == "inverse":  # (J H J)⁻¹ = J H⁻¹ J
+                return torch.cholesky_inverse(lower).flip(-2, -1).float(), fracs, attempt
             u = torch.linalg.solve_triangular(lower.flip(-2, -1), eye.expand_as(h), upper=True)
             return u.float(), fracs, attempt
         fracs = torch.where(bad, (fracs * 10).clamp_min(1e-4), fracs)
@@ -165,8 +175,11 @@ def pick_candidate(q, scales, wp, hp, clip: str, select: str):
 
 def gptq_quantize_batch(w: torch.Tensor, h: torch.Tensor, bits: int, clip: str = "sdclip", k: float = 12.85,
                         damp: float = 0.01, block_size: int = 128, act_order: bool = True, floor: str = "tiny",
-                        quantiles=None, select: str = "row"):
+                        quantiles=None, select: str = "row", direction: str = "desc", update: str = "cholesky"):
     """GPTQ of a stack of matrices w (N, R, C) with Hessians h (N, C, C): (q int8 (N,R,C), scale fp16 (N,R), info).
+
+    With act_order the columns run by diag(H) in `direction` (ACT_ORDER_DIRECTIONS); `update` picks the error
+    feedback (GPTQ_UPDATES, damped_hinv_factor).
 
     info: "damp" (fraction used, per matrix), "damp_retries", "dead_columns" (per matrix), and with several
     clip candidates "clip_choice" (rows that chose each candidate).
@@ -182,14 +195,16 @@ def gptq_quantize_batch(w: torch.Tensor, h: torch.Tensor, bits: int, clip: str =
     dead = diag == 0
     diag[dead] = 1.0
     w = w.masked_fill(dead.unsqueeze(1), 0.0)
+    if direction not in ACT_ORDER_DIRECTIONS:
+        raise UserError(f"quant.act_order_direction={direction!r} is not {'|'.join(ACT_ORDER_DIRECTIONS)}")
     if act_order:
-        perm = torch.argsort(diag, dim=-1, descending=True, stable=True)
+        perm = torch.argsort(diag, dim=-1, descending=direction == "desc", stable=True)
     else:
         perm = torch.arange(c, device=w.device).expand(n, c)
     batch = torch.arange(n, device=w.device)[:, None, None]
     wp = torch.gather(w, 2, perm[:, None, :].expand(n, r, c))
     hp = h[batch, perm[:, :, None], perm[:, None, :]]
-    u, fracs, retries = damped_hinv_factor(hp, damp)
+    u, fracs, retries = damped_hinv_factor(hp, damp, update)
 
     w_rep = wp.repeat(1, ncand, 1)  # rows ordered candidate-major: row k*R + i
     s_rep = scales.reshape(n, ncand * r).float()

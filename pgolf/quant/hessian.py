@@ -5,6 +5,9 @@ tied embeddings the head is F.linear(final_norm(x), tok_emb.weight), so the outp
 the embedding's input and is collected under "tok_emb.weight". Matrices that read the same input tensor (q, k
 and v) share one product per batch. Sums are fp32 on the model's device; under
 torch.distributed they are all-reduced before dividing by the total token count. The caller times this.
+
+The inputs are fresh training batches, or (quant.calib_source=self, PR #1427) sequences sampled from the model
+itself by `generate_calibration`, which reads no file.
 """
 
 import contextlib
@@ -12,6 +15,8 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from pgolf.errors import UserError
 
 TIED_EMBED_NAME = "tok_emb.weight"
 
@@ -87,4 +92,39 @@ def collect_hessians(model: nn.Module, batches, names=None, passthrough_numel: i
             dist.all_reduce(sums[name])
             dist.all_reduce(total)
         out[name] = sums[name] / total.clamp_min(1.0)
+    return out
+
+
+def next_token_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """float32 logits (B, V) of the next token after each row: the head on the last position only where the
+    model offers the head split (pgolf.model.gpt.GPT), else its full logits' last position."""
+    if hasattr(model, "forward_hidden") and hasattr(model, "head_logits"):
+        return model.head_logits(model.forward_hidden(input_ids, keep=1))[:, -1].float()
+    return model(input_ids)[:, -1].float()
+
+
+def generate_calibration(model: nn.Module, batches: int, seqs: int, seq_len: int, temperature: float,
+                         seed: int) -> list[torch.Tensor]:
+    """`batches` batches (seqs, seq_len) of token ids sampled from the model (quant.calib_source=self): each row
+    from a uniformly random first token, then one token at a time from softmax(logits / temperature), with a
+    generator seeded by `seed` on the model's device. There is no KV cache: step t runs the whole prefix, so a
+    batch costs about seq_len / 2 forwards of seq_len tokens. The caller times it (it is calibration)."""
+    if temperature <= 0:
+        raise UserError(f"quant.calib_temperature={temperature} must be above 0")
+    device = next(model.parameters()).device
+    vocab = model.tok_emb.weight.shape[0]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for _ in range(batches):
+                x = torch.randint(0, vocab, (seqs, 1), device=device, generator=gen)
+                for _ in range(seq_len - 1):
+                    probs = torch.softmax(next_token_logits(model, x) / temperature, dim=-1)
+                    x = torch.cat((x, torch.multinomial(probs, 1, generator=gen)), dim=1)
+                out.append(x)
+    finally:
+        model.train(was_training)
     return out

@@ -85,6 +85,7 @@ def gptq_job(key: tuple, names: list[str], state_dict: dict, hessians: dict, cfg
         if h.shape[-1] != shape[1]:
             raise UserError(f"Hessian of {batch[0]} is {tuple(h.shape[1:])}, weight is {shape}")
         q, scale, info = gptq_quantize_batch(w, h, bits, clip, k, cfg.damp, cfg.block_size, cfg.act_order,
+                                             direction=cfg.act_order_direction, update=cfg.gptq_update,
                                              **clip_options(cfg))
         for j, n in enumerate(batch):
             out[n] = QuantTensor(kind, shape, dtype_name(state_dict[n]), bits, q[j].cpu(), scale[j].cpu(),

@@ -58,6 +58,9 @@ from pgolf.train.qat import qat_clip_k, qat_due, set_qat_from_config
 from pgolf.train.rundir import open_run_dir
 from pgolf.train.state import Trainer, TrainState, checkpoint_now, restore_checkpoint, uses_recurrence
 
+# quant.calib_source=self: rank r samples its calibration with seed train.seed + CALIB_SEED_STRIDE * r.
+CALIB_SEED_STRIDE = 7919
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -472,22 +475,27 @@ def save_float_weights(setup: RunSetup, model, state: TrainState, hessians: dict
     write_tensors(setup.run_dir / "model.pgw", {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
                                                 for k, v in model.state_dict().items()}, meta)
     if hessians:
-        write_tensors(setup.run_dir / "hessians.pgw", hessians, {"batches": setup.cfg.quant.calib_batches})
+        q = setup.cfg.quant
+        write_tensors(setup.run_dir / "hessians.pgw", hessians, {"batches": q.calib_batches, "source": q.calib_source})
 
 
 def collect_calibration(model, loader, cfg: RunConfig, device, timer: PhaseTimer, denv: DistEnv) -> dict:
-    """GPTQ Hessians from fresh training batches, read inside FILE_AUDIT phase "calibration" (timed)."""
+    """GPTQ Hessians from fresh training batches, read inside FILE_AUDIT phase "calibration", or from sequences
+    the model samples itself (quant.calib_source=self); timed either way."""
     q = cfg.quant
     if not q.enabled or q.method != "gptq" or q.calib_batches <= 0:
         return {}
-    from pgolf.quant.hessian import collect_hessians
+    from pgolf.quant.hessian import collect_hessians, generate_calibration
 
     t = cfg.train
     with timer.phase("calibration"), FILE_AUDIT.phase("calibration"):
-        batches = []
-        for _ in range(q.calib_batches):
-            x, _ = loader.next_batch(t.batch_tokens, t.seq_len, t.grad_accum)
-            batches.append(x.to(device))
+        if q.calib_source == "self":
+            with autocast_context(device):
+                batches = generate_calibration(model, q.calib_batches, q.calib_seqs, t.seq_len, q.calib_temperature,
+                                               t.seed + CALIB_SEED_STRIDE * denv.rank)
+        else:
+            batches = [loader.next_batch(t.batch_tokens, t.seq_len, t.grad_accum)[0].to(device)
+                       for _ in range(q.calib_batches)]
         with autocast_context(device):
             hessians = collect_hessians(model, batches, passthrough_numel=q.passthrough_numel)
     # collect_hessians already summed over ranks and divided by the global token count
