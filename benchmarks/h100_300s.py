@@ -15,7 +15,12 @@ from pathlib import Path
 from pgolf.cli import main as pgolf_main
 
 BENCH_COLUMNS = ("params", "batch_tokens", "steps", "ms_per_step", "train_tok_s", "prequant_bpb", "roundtrip_bpb",
-                 "sliding_bpb", "artifact_bytes", "total_bytes")
+                 "sliding_bpb", "final_bpb", "artifact_bytes", "total_bytes")
+FINAL_ORDER = ("ttt_bpb", "sliding_bpb", "roundtrip_bpb")  # the last scored pass the run has is its final score
+
+
+def final_bpb(metrics: dict) -> float | None:
+    return next((metrics[k] for k in FINAL_ORDER if metrics.get(k) is not None), None)
 
 
 def bench_row(record: dict) -> dict:
@@ -23,8 +28,8 @@ def bench_row(record: dict) -> dict:
     return {"run_id": record["run_id"], "recipe": record["recipe"], "device": record["env"].get("gpu_name"),
             "params": t["params"], "batch_tokens": record["config"]["train"]["batch_tokens"], "steps": t["steps"],
             "ms_per_step": t["ms_per_step"], "train_tok_s": t["tokens_per_s"], "prequant_bpb": m["prequant_bpb"],
-            "roundtrip_bpb": m["roundtrip_bpb"], "sliding_bpb": m["sliding_bpb"], "artifact_bytes": b["artifact"],
-            "total_bytes": b["total"], "status": record["status"]}
+            "roundtrip_bpb": m["roundtrip_bpb"], "sliding_bpb": m["sliding_bpb"], "final_bpb": final_bpb(m),
+            "artifact_bytes": b["artifact"], "total_bytes": b["total"], "status": record["status"]}
 
 
 def parse_bench_args(argv, description: str) -> argparse.Namespace:

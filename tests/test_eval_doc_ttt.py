@@ -15,7 +15,7 @@ from pgolf.eval.documents import DocIsolated, find_documents
 from pgolf.eval.legality import run_legality_checks, scored_before, trace_violations
 from pgolf.eval.runner import PassSpec, passes_from_config, run_pass, run_passes
 from pgolf.eval.ttt import evaluate_ttt
-from pgolf.eval.ttt_doc import doc_batches, phase_points, prefix_doc_count
+from pgolf.eval.ttt_doc import DocTttState, chunk_batch, chunk_keep, doc_batches, phase_points, prefix_doc_count
 from pgolf.model.gpt import GPT
 from pgolf.recipes import get_recipe, recipe_tiny
 
@@ -72,8 +72,10 @@ def test_documents_predict_every_target_once_and_the_queue_runs_longest_first():
     longest = [max(docs[i][1] for i in b) for b in queue]
     assert longest == sorted(longest, reverse=True)
     assert prefix_doc_count(0.05, 50_000) == 2500
-    assert phase_points([[0, 1], [2, 3], [4, 5], [6]], 6, 3) == {0: 2, 1: 4, 2: 6}
+    assert phase_points([[0, 1], [2, 3], [4, 5], [6]], 6, 3) == {0: [2], 1: [4], 2: [6]}
     assert phase_points([[0, 1, 2, 3]], 4, 2) == {}  # nothing left to score after the last batch
+    # a prefix inside the first batch (the proxy's 25 of 500 documents, batches of 64): every phase still runs
+    assert phase_points([list(range(64)), list(range(64, 128))], 25, 3) == {0: [8, 16, 25]}
 
 
 @pytest.mark.parametrize("features", ["smear_gate", "smear_gate_v2"])
@@ -127,6 +129,43 @@ def test_doc_ttt_without_learning_equals_scoring_each_document_alone():
     assert res["nll_sum"] == pytest.approx(total, rel=1e-5)
     learned = run_pass(model, tokens, lut(), doc_spec())
     assert learned["tokens"] == res["tokens"] == tokens.numel() - 1 and learned["nll_sum"] != res["nll_sum"]
+
+
+def test_chunk_windows_score_only_their_last_chunk_positions():
+    """chunk_keep's claim, on every chunk of a batch of documents longer and shorter than the window: no
+    scored position lies before the stacked windows' last min(chunk, width) columns."""
+    tokens = torch.zeros(4000, dtype=torch.long)
+    docs = [(0, 700), (701, 5), (707, 130), (838, 129), (968, 47), (1016, 1900), (2917, 1001)]
+    for chunk, window in ((8, 64), (48, 2048), (48, 100), (7, 20)):
+        st = DocTttState(None, tokens, None, doc_cfg(ttt_doc_chunk=chunk), window, None, None, None, None, None)
+        n_chunks = [-(-p // chunk) for _, p in docs]
+        for c in range(max(n_chunks)):
+            active = [d for d, n in zip(docs, n_chunks, strict=True) if c < n]
+            x, _, mask, _, spans = chunk_batch(st, active, c)
+            keep = chunk_keep(st, x.size(1))
+            assert not mask[:, :x.size(1) - keep].any(), (chunk, window, c)
+            assert int(mask.sum()) == sum(e - lo for lo, e in spans)
+
+
+def test_doc_ttt_on_documents_longer_than_the_window_slides_inside_each_and_cut_equals_full_forward():
+    model, tokens, window = tiny_gpt(), doc_stream(), 16
+    frozen = run_pass(model, tokens, lut(), dataclasses.replace(
+        doc_spec(ttt_lr=0.0, ttt_global_lr=0.0, ttt_weight_decay=0.0), seq_len=window))
+    total, chunk = 0.0, 8
+    with torch.no_grad():  # chunk c of a document: predictions [cC, e) from its own window doc[e - 16 : e]
+        for s, p in find_documents(tokens):
+            for lo in range(0, p, chunk):
+                e = min(lo + chunk, p)
+                w0 = max(0, e - window)
+                nll = score_token_nll(model, tokens[None, s + w0:s + e], tokens[None, s + w0 + 1:s + e + 1])
+                total += float(nll[0, lo - w0:].sum())
+    assert frozen["nll_sum"] == pytest.approx(total, rel=1e-5)
+    cut = run_pass(model, tokens, lut(), dataclasses.replace(doc_spec(), seq_len=window), return_per_token=True)
+    full = run_pass(model, tokens, lut(), dataclasses.replace(doc_spec(), seq_len=window, scorer="reference"),
+                    return_per_token=True)
+    assert cut["updates"] == full["updates"] > 0 and cut["nll_sum"] != frozen["nll_sum"]
+    assert torch.allclose(cut["per_token_nll"][1:], full["per_token_nll"][1:], atol=1e-4)
+    assert cut["nll_sum"] == pytest.approx(full["nll_sum"], rel=1e-5)
 
 
 def test_doc_ttt_passes_the_legality_harness():

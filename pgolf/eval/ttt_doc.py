@@ -6,9 +6,11 @@ phased global SGD over the already-scored documents (frontier.md §8; the 2026-0
 - A batch walks its documents in chunks of eval.ttt_doc_chunk predictions. Chunk c of a document scores its
   predictions [cC, e) (e = min((c+1)C, preds)) from the window doc[s:e], s = max(0, e - seq_len): context never
   leaves the document. The active documents' windows are stacked (padded past each end: causal attention keeps
-  padding out of every scored position), one forward gives the scores, then (for the documents with a later
-  chunk) the loss of the same forward, the mean NLL of the chunk's positions per document summed over documents,
-  takes one AdamW step of the adapters (pgolf.eval.doc_lora): every token is scored before an update sees it.
+  padding out of every scored position), one forward gives the scores (the last block's queries and MLP and
+  the head run on the windows' last min(C, width) positions only, which hold every scored one: chunk_keep),
+  then (for the documents with a later chunk) the loss of the same forward, the mean NLL of the chunk's
+  positions per document summed over documents, takes one AdamW step of the adapters (pgolf.eval.doc_lora):
+  every token is scored before an update sees it.
 - Each batch resets the adapters' B to zero with a fresh AdamW state (A is kept with eval.ttt_warm_a).
 - Phases: the first round(eval.ttt_prefix_frac * documents) documents in queue order are the prefix; when the
   scored documents cross each of eval.ttt_phases boundaries of it, one epoch of SGD on the whole base model runs
@@ -41,7 +43,7 @@ from pgolf.eval.bpb import (
 from pgolf.eval.doc_lora import BatchedLora, LoraRowModel, parse_lora_targets
 from pgolf.eval.documents import find_documents
 from pgolf.eval.receipts import SecondsSplit
-from pgolf.eval.scoring import eval_autocast, model_device
+from pgolf.eval.scoring import check_scorer, eval_autocast, full_tail_nll, model_device, scoring_function
 
 
 def doc_batches(docs: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -58,15 +60,17 @@ def prefix_doc_count(prefix_frac: float, n_docs: int) -> int:
     return min(n_docs, round(prefix_frac * n_docs))
 
 
-def phase_points(queue: list[list[int]], prefix_docs: int, phases: int) -> dict[int, int]:
-    """{batch index: documents}: after that batch of the queue a global phase trains on the first `documents`
-    documents in queue order (boundaries floor(prefix * k / phases)); none after the last batch."""
+def phase_points(queue: list[list[int]], prefix_docs: int, phases: int) -> dict[int, list[int]]:
+    """{batch index: [documents, ...]}: after that batch of the queue one global phase per boundary it crossed
+    (boundaries floor(prefix * k / phases)), each training on the first `documents` documents in queue order;
+    none after the last batch. A batch that crosses several (a small split: the proxy's 25-document prefix lies
+    in its first batch of 64) runs their phases back to back, so every phase asked for runs, cumulatively."""
     bounds = sorted({prefix_docs * k // phases for k in range(1, phases + 1)} - {0}) if phases > 0 else []
     points, done, k = {}, 0, 0
     for i, batch in enumerate(queue[:-1]):
         done += len(batch)
         while k < len(bounds) and done >= bounds[k]:
-            points[i] = bounds[k]
+            points.setdefault(i, []).append(bounds[k])
             k += 1
     return points
 
@@ -83,6 +87,7 @@ class DocTttState:
     per_token: PerTokenScores | None
     score_step: torch.Tensor | None
     inspect: object
+    score_fn: object  # fn(model, x, y, keep) -> NLL (R, keep) of each row's last `keep` positions
     trace: list = field(default_factory=list)
     step: int = 0
     updates: int = 0
@@ -108,8 +113,19 @@ def chunk_batch(st: DocTttState, docs: list[tuple[int, int]], c: int):
     return x, y, mask, first, spans
 
 
+def chunk_keep(st: DocTttState, width: int) -> int:
+    """The stacked windows' last positions that hold every scored one: min(chunk, width).
+
+    A document still in its chunks has a full window, width K = min((c+1)C, W); one at its last chunk e < (c+1)C
+    has width w = min(e, W) <= K and scores its last e - cC <= C positions: from cC >= K - C when e <= W, from
+    W - (e - cC) >= W - C = K - C otherwise. So the blocks but the last, and the last block's keys and values,
+    run on the whole window; its queries, MLP and the head only on these positions (pgolf.eval.scoring)."""
+    return min(st.cfg.ttt_doc_chunk, width)
+
+
 def record_scores(st: DocTttState, docs, spans, nll, mask, first) -> None:
-    """Add chunk's scores to the sums (bytes from the byte source) and, for the legality checks, per token."""
+    """Add chunk's scores to the sums (bytes from the byte source) and, for the legality checks, per token;
+    nll and mask are (R, keep), `first` the stream position of each row's first kept column."""
     n_bytes = sum(int(st.byte_cum[d[0] + e] - st.byte_cum[d[0] + lo]) for d, (lo, e) in zip(docs, spans, strict=True))
     st.acc.add(torch.where(mask, nll.double(), 0.0).sum(), sum(e - lo for lo, e in spans), n_bytes)
     st.trace.append({"event": "score", "step": st.step, "updates": st.updates,
@@ -121,27 +137,36 @@ def record_scores(st: DocTttState, docs, spans, nll, mask, first) -> None:
         st.score_step[target] = st.step
 
 
+def inspect_chunk(st: DocTttState, lora: BatchedLora, slots, x, y, nll, mask, keep: int) -> None:
+    """The legality probe's look at one row of the chunk, its NLL placed at the row's window positions."""
+    r = st.step % x.size(0)
+    full = nll.new_zeros(x.shape)
+    full[:, x.size(1) - keep:] = nll
+    with torch.no_grad():
+        st.inspect(LoraRowModel(lora, slots[r]), x[r:r + 1], y[r:r + 1], full[r:r + 1], mask[r:r + 1])
+
+
 def doc_chunk_step(st: DocTttState, lora: BatchedLora, opt, docs, slots: list[int], c: int, n_chunks) -> None:
     """Score chunk c of the active documents, then one adapter step on those with a later chunk."""
     lora.rows = torch.tensor(slots, device=st.tokens.device)
     x, y, mask, first, spans = chunk_batch(st, docs, c)
-    train = torch.tensor([c < n - 1 for n in n_chunks], device=x.device)
-    with torch.set_grad_enabled(bool(train.any())), eval_autocast(x.device):
-        nll = st.work(x, y, reduction="none").float()
-    record_scores(st, docs, spans, nll.detach(), mask, first)
+    keep = chunk_keep(st, x.size(1))
+    train_rows = [c < n - 1 for n in n_chunks]
+    with torch.set_grad_enabled(any(train_rows)), eval_autocast(x.device):
+        nll = st.score_fn(st.work, x, y, keep).float()
+    kept_mask = mask[:, x.size(1) - keep:]
+    record_scores(st, docs, spans, nll.detach(), kept_mask, first + (x.size(1) - keep))
     if st.inspect is not None:
-        r = st.step % len(docs)
-        with torch.no_grad():
-            st.inspect(LoraRowModel(lora, slots[r]), x[r:r + 1], y[r:r + 1], nll.detach()[r:r + 1], mask[r:r + 1])
-    if bool(train.any()):
-        per_doc = torch.where(mask, nll, 0.0).sum(dim=1) / st.cfg.ttt_doc_chunk
-        (per_doc * train).sum().backward()
+        inspect_chunk(st, lora, slots, x, y, nll.detach(), mask, keep)
+    if any(train_rows):
+        per_doc = torch.where(kept_mask, nll, 0.0).sum(dim=1) / st.cfg.ttt_doc_chunk
+        (per_doc * torch.tensor(train_rows, device=x.device)).sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         st.updates += 1
         st.trace.append({"event": "update", "step": st.step, "updates": st.updates,
                          "spans": [[d[0] + 1, d[0] + e]
-                                   for d, (_, e), t in zip(docs, spans, train.tolist(), strict=True) if t]})
+                                   for d, (_, e), t in zip(docs, spans, train_rows, strict=True) if t]})
     st.step += 1
 
 
@@ -217,9 +242,11 @@ def evaluate_doc_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, ra
                      return_per_token: bool = False, inspect=None, scorer: str | None = None) -> dict:
     """Phased per-document LoRA TTT (module docstring) on a copy of the model; `cfg` is an EvalConfig, seq_len
     the window. The result adds "documents", "prefix_docs", "phases", "updates", the event "trace" and the
-    seconds of scoring with adaptation ("score_adapt_s") and of the global phases ("global_s"). `scorer` is
-    accepted for the runner's one signature: this pass runs eagerly."""
+    seconds of scoring with adaptation ("score_adapt_s") and of the global phases ("global_s"). The pass runs
+    eagerly; `scorer` "reference" runs the model's full forward on every window position (the plain reference
+    of the cut one, chunk_keep), any other mode the cut forward."""
     check_eval_inputs(val_tokens, seq_len, 1)
+    score_fn = full_tail_nll if check_scorer(scorer or "eager") == "reference" else scoring_function(model)
     if cfg.ttt_doc_chunk < 1:
         raise UserError(f"eval.ttt_doc_chunk={cfg.ttt_doc_chunk} must be at least 1")
     t0 = time.perf_counter()
@@ -234,7 +261,8 @@ def evaluate_doc_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, ra
     device = model_device(work)
     per_token = PerTokenScores(tokens.numel()) if return_per_token else None
     st = DocTttState(work, tokens.to(device), stream_byte_cumsum(tokens, lut), cfg, seq_len, BpbAccumulator(device),
-                     per_token, torch.full((tokens.numel(),), -1, dtype=torch.int64) if per_token else None, inspect)
+                     per_token, torch.full((tokens.numel(),), -1, dtype=torch.int64) if per_token else None, inspect,
+                     score_fn)
     split, generator = SecondsSplit(), torch.Generator().manual_seed(0)
     lora, phases_run = new_lora(st, 0), 0
     for i, batch in enumerate(queue):
@@ -243,16 +271,17 @@ def evaluate_doc_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, ra
                 run_doc_batch(st, lora, [docs[j] for j in batch], generator)
         if i in points:
             lora.detach()
-            used = [j for b in queue[:i + 1] for j in b][:points[i]]
-            with split.phase("global_s"):
-                global_sgd_phase(st, [docs[j] for j in used], rank, world_size)
-            phases_run += 1
+            scored = [j for b in queue[:i + 1] for j in b]
+            for n_docs in points[i]:
+                with split.phase("global_s"):
+                    global_sgd_phase(st, [docs[j] for j in scored[:n_docs]], rank, world_size)
+                phases_run += 1
             lora = new_lora(st, phases_run)
     lora.detach()
     st.acc.all_reduce()
     out = st.acc.result()
     out.update({"seconds": time.perf_counter() - t0, "compile_s": 0.0, "documents": len(docs), "batches": len(queue),
-                "prefix_docs": prefix, "phases": len(points), "updates": st.updates, "trace": st.trace,
+                "prefix_docs": prefix, "phases": phases_run, "updates": st.updates, "trace": st.trace,
                 "score_adapt_s": split.elapsed("score_adapt_s"), "global_s": split.elapsed("global_s")})
     out.update(lut_bytes_report(tokens, lut, [(s, s, s + p) for s, p in docs], out["nll_sum"]))
     if per_token is not None:
