@@ -35,6 +35,7 @@ def pass_work(tokens: torch.Tensor, e, seq_len: int) -> dict:
     queue = doc_batches(docs, e.ttt_doc_batch)
     st = DocTttState(None, tokens, None, e, seq_len, None, None, None, None, None)
     steps = block_positions = head_positions = 0
+    few_rows = {4: 0, 16: 0}  # steps with at most 4 / 16 documents active: the ones a GPU runs least full
     for batch in queue:
         lengths = [docs[j][1] for j in batch]
         n_chunks = [-(-p // e.ttt_doc_chunk) for p in lengths]
@@ -42,6 +43,8 @@ def pass_work(tokens: torch.Tensor, e, seq_len: int) -> dict:
             active = [docs[j] for j, n in zip(batch, n_chunks, strict=True) if c < n]
             x, *_ = chunk_batch(st, active, c)
             steps += 1
+            for limit in few_rows:
+                few_rows[limit] += x.size(0) <= limit
             block_positions += x.numel()
             head_positions += x.size(0) * chunk_keep(st, x.size(1))
     points = phase_points(queue, prefix_doc_count(e.ttt_prefix_frac, len(docs)), e.ttt_phases)
@@ -49,6 +52,7 @@ def pass_work(tokens: torch.Tensor, e, seq_len: int) -> dict:
     bounds = [n for ns in points.values() for n in ns]
     global_tokens = sum(docs[j][1] for n in bounds for j in order[:n])
     return {"documents": len(docs), "val_tokens": int(tokens.numel()), "batches": len(queue), "chunk_steps": steps,
+            **{f"steps_with_at_most_{k}_docs": n for k, n in few_rows.items()},
             "block_positions": block_positions, "head_positions": head_positions,
             "positions_per_val_token": round(block_positions / max(1, tokens.numel()), 2),
             "phases": len(bounds), "global_sgd_tokens": global_tokens}

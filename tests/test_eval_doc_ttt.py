@@ -168,6 +168,28 @@ def test_doc_ttt_on_documents_longer_than_the_window_slides_inside_each_and_cut_
     assert cut["nll_sum"] == pytest.approx(full["nll_sum"], rel=1e-5)
 
 
+def test_doc_ttt_cut_equals_full_forward_on_the_frontier_blocks():
+    """The cut forward through the frontier's looped layers, parallel lanes, XSA, gates and SmearGate v2."""
+    cfg = get_recipe("frontier")
+    m = cfg.model
+    m.num_layers, m.model_dim, m.vocab_size, m.num_heads, m.num_kv_heads = 5, 64, VOCAB, 4, 2
+    m.recur_first, m.recur_last, m.parallel_lanes_from, m.xsa_last_n = 1, 2, 3, 5
+    m.residual_dtype, m.fused_qk, m.fused_ce = "float32", False, False
+    torch.manual_seed(0)
+    model = GPT(m).eval()
+    model.recurrence_active = True
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    e = dataclasses.replace(cfg.eval, **{k: v for k, v in dataclasses.asdict(doc_cfg()).items()
+                                          if k.startswith("ttt_") and k != "ttt_lora_targets"})
+    tokens = doc_stream()
+    cut, full = (run_pass(model, tokens, lut(), PassSpec("ttt", "doc_ttt", 32, eval_cfg=e, scorer=scorer),
+                          return_per_token=True) for scorer in ("eager", "reference"))
+    assert cut["updates"] == full["updates"] > 0 and cut["phases"] == 2
+    assert torch.allclose(cut["per_token_nll"][1:], full["per_token_nll"][1:], atol=1e-5)
+
+
 def test_doc_ttt_passes_the_legality_harness():
     model, tokens = tiny_gpt(), doc_stream()
     results = run_legality_checks(lambda: model, tokens, lut(), lambda m, t, lu, **kw: run_pass(m, t, lu, doc_spec(),
