@@ -288,6 +288,7 @@ def test_self_generated_calibration_samples_the_model_s_own_distribution():
         generate_calibration(model, 1, 1, 4, 0.0, seed=0)
 
 
+@pytest.mark.shared  # real text from ../shared's corpus and tokenizer
 def test_a_run_with_self_calibration_reads_no_shard_for_its_hessians(tmp_path, monkeypatch):
     from pgolf.quant.hessian import collect_hessians, generate_calibration
     from pgolf.train import loop
