@@ -24,7 +24,15 @@ from pgolf.dist import cuda_sync
 from pgolf.eval.doc_lora import BatchedLora, parse_lora_targets
 from pgolf.eval.documents import find_documents
 from pgolf.eval.scoring import eval_autocast, full_tail_nll, scoring_function
-from pgolf.eval.ttt_doc import DocTttState, chunk_batch, chunk_keep, doc_batches, phase_points, prefix_doc_count
+from pgolf.eval.ttt_doc import (
+    DocTttState,
+    batch_chunks,
+    chunk_batch,
+    chunk_keep,
+    doc_batches,
+    phase_points,
+    prefix_doc_count,
+)
 from pgolf.recipes import recipe_config
 from pgolf.train.loop import build_model, set_training_kernels
 
@@ -37,11 +45,9 @@ def pass_work(tokens: torch.Tensor, e, seq_len: int) -> dict:
     steps = block_positions = head_positions = 0
     few_rows = {4: 0, 16: 0}  # steps with at most 4 / 16 documents active: the ones a GPU runs least full
     for batch in queue:
-        lengths = [docs[j][1] for j in batch]
-        n_chunks = [-(-p // e.ttt_doc_chunk) for p in lengths]
-        for c in range(max(n_chunks)):
-            active = [docs[j] for j, n in zip(batch, n_chunks, strict=True) if c < n]
-            x, *_ = chunk_batch(st, active, c)
+        batch_docs = [docs[j] for j in batch]
+        for c, active in batch_chunks(batch_docs, e.ttt_doc_chunk):
+            x, *_ = chunk_batch(st, [batch_docs[j] for j in active], c)
             steps += 1
             for limit in few_rows:
                 few_rows[limit] += x.size(0) <= limit

@@ -15,7 +15,15 @@ from pgolf.eval.documents import DocIsolated, find_documents
 from pgolf.eval.legality import run_legality_checks, scored_before, trace_violations
 from pgolf.eval.runner import PassSpec, passes_from_config, run_pass, run_passes
 from pgolf.eval.ttt import evaluate_ttt
-from pgolf.eval.ttt_doc import DocTttState, chunk_batch, chunk_keep, doc_batches, phase_points, prefix_doc_count
+from pgolf.eval.ttt_doc import (
+    DocTttState,
+    batch_chunks,
+    chunk_batch,
+    chunk_keep,
+    doc_batches,
+    phase_points,
+    prefix_doc_count,
+)
 from pgolf.model.gpt import GPT
 from pgolf.recipes import get_recipe, recipe_tiny
 
@@ -138,10 +146,8 @@ def test_chunk_windows_score_only_their_last_chunk_positions():
     docs = [(0, 700), (701, 5), (707, 130), (838, 129), (968, 47), (1016, 1900), (2917, 1001)]
     for chunk, window in ((8, 64), (48, 2048), (48, 100), (7, 20)):
         st = DocTttState(None, tokens, None, doc_cfg(ttt_doc_chunk=chunk), window, None, None, None, None, None)
-        n_chunks = [-(-p // chunk) for _, p in docs]
-        for c in range(max(n_chunks)):
-            active = [d for d, n in zip(docs, n_chunks, strict=True) if c < n]
-            x, _, mask, _, spans = chunk_batch(st, active, c)
+        for c, active in batch_chunks(docs, chunk):
+            x, _, mask, _, spans = chunk_batch(st, [docs[j] for j in active], c)
             keep = chunk_keep(st, x.size(1))
             assert not mask[:, :x.size(1) - keep].any(), (chunk, window, c)
             assert int(mask.sum()) == sum(e - lo for lo, e in spans)

@@ -292,7 +292,8 @@ def test_self_generated_calibration_samples_the_model_s_own_distribution():
 def test_a_run_with_self_calibration_reads_no_shard_for_its_hessians(tmp_path, monkeypatch):
     from pgolf.quant.hessian import collect_hessians, generate_calibration
     from pgolf.train import loop
-    from pgolf.train.loop import CALIB_SEED_STRIDE, train_run
+    from pgolf.train.calibration import CALIB_SEED_STRIDE
+    from pgolf.train.loop import train_run
     from tests.conftest import write_wiki_shards
     from tests.test_train_loop import small_cfg
 

@@ -177,9 +177,15 @@ def run_doc_batch(st: DocTttState, lora: BatchedLora, docs: list[tuple[int, int]
     opt = torch.optim.AdamW(lora.parameters(), lr=cfg.ttt_lr, betas=(0.0, cfg.ttt_adam_beta2), eps=1e-10,
                             weight_decay=cfg.ttt_weight_decay)
     n_chunks = [math.ceil(p / cfg.ttt_doc_chunk) for _, p in docs]
-    for c in range(max(n_chunks)):
-        active = [j for j, n in enumerate(n_chunks) if c < n]
+    for c, active in batch_chunks(docs, cfg.ttt_doc_chunk):
         doc_chunk_step(st, lora, opt, [docs[j] for j in active], active, c, [n_chunks[j] for j in active])
+
+
+def batch_chunks(docs: list[tuple[int, int]], chunk: int):
+    """(c, the batch's documents that have a chunk c) for every chunk index of a batch, in order."""
+    n_chunks = [math.ceil(p / chunk) for _, p in docs]
+    for c in range(max(n_chunks)):
+        yield c, [j for j, n in enumerate(n_chunks) if c < n]
 
 
 def global_rows(st: DocTttState, docs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,6 +116,7 @@ SCRIPT_MODULES = (
     ScriptModule("pgolf.eval.warmup", any_of("eval.precompile")),
     ScriptModule("pgolf.quant.hessian", all_of("quant.enabled", "quant.calib_batches", ("quant.method", "gptq"))),
     ScriptModule("pgolf.train.state"),
+    ScriptModule("pgolf.train.calibration"),
     ScriptModule("pgolf.train.loop"),
     ScriptModule("pgolf.export.script_entry"),
 )

@@ -42,6 +42,7 @@ from pgolf.runlog import MetricsWriter, env_fingerprint, write_record, write_run
 from pgolf.runrecord import RunRecord, TrainRecord
 from pgolf.tensorfile import write_tensors
 from pgolf.train.averaging import build_averagers, swap_in_averaged
+from pgolf.train.calibration import collect_calibration
 from pgolf.train.clock import PhaseTimer
 from pgolf.train.finish import (
     RunFileAudit,
@@ -57,9 +58,6 @@ from pgolf.train.progress import ProgressLine
 from pgolf.train.qat import qat_clip_k, qat_due, set_qat_from_config
 from pgolf.train.rundir import open_run_dir
 from pgolf.train.state import Trainer, TrainState, checkpoint_now, restore_checkpoint, uses_recurrence
-
-# quant.calib_source=self: rank r samples its calibration with seed train.seed + CALIB_SEED_STRIDE * r.
-CALIB_SEED_STRIDE = 7919
 
 
 def seed_everything(seed: int) -> None:
@@ -477,26 +475,3 @@ def save_float_weights(setup: RunSetup, model, state: TrainState, hessians: dict
     if hessians:
         q = setup.cfg.quant
         write_tensors(setup.run_dir / "hessians.pgw", hessians, {"batches": q.calib_batches, "source": q.calib_source})
-
-
-def collect_calibration(model, loader, cfg: RunConfig, device, timer: PhaseTimer, denv: DistEnv) -> dict:
-    """GPTQ Hessians from fresh training batches, read inside FILE_AUDIT phase "calibration", or from sequences
-    the model samples itself (quant.calib_source=self); timed either way."""
-    q = cfg.quant
-    if not q.enabled or q.method != "gptq" or q.calib_batches <= 0:
-        return {}
-    from pgolf.quant.hessian import collect_hessians, generate_calibration
-
-    t = cfg.train
-    with timer.phase("calibration"), FILE_AUDIT.phase("calibration"):
-        if q.calib_source == "self":
-            with autocast_context(device):
-                batches = generate_calibration(model, q.calib_batches, q.calib_seqs, t.seq_len, q.calib_temperature,
-                                               t.seed + CALIB_SEED_STRIDE * denv.rank)
-        else:
-            batches = [loader.next_batch(t.batch_tokens, t.seq_len, t.grad_accum)[0].to(device)
-                       for _ in range(q.calib_batches)]
-        with autocast_context(device):
-            hessians = collect_hessians(model, batches, passthrough_numel=q.passthrough_numel)
-    # collect_hessians already summed over ranks and divided by the global token count
-    return {k: v.float().cpu() for k, v in hessians.items()}
