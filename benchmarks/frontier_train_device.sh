@@ -12,7 +12,7 @@ TOK=shared/data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.mo
 [ -f $D/manifest.json ] || timeout 150 python3 -m pgolf data build --caseops --docs shared/data/wiki/docs_000.jsonl.xz \
   shared/data/wiki/docs_001.jsonl.xz --tokenizer $TOK --val-docs 500 --out $D 2>&1 | grep --line-buffered -v "doc/s" | tail -2
 echo "build done at $(( $(date +%s) - T0 )) s"; sha256sum $D/fineweb_val_000000.bin | cut -c1-16
-LEFT=$(( 585 - ($(date +%s) - T0) ))
+LEFT=$(( ${BUDGET_S:-585} - ($(date +%s) - T0) ))  # BUDGET_S: the seconds this script may take (one call's 10 minutes by default)
 timeout $LEFT python3 -m pgolf train --recipe frontier --proxy 300 --data $D --tokenizer $TOK --no-eval \
   --name fr --out /tmp/runs "$@" 2>&1 | grep --line-buffered -v "it/s\]" | tee $OUT/train.log | tail -40
 echo "train done at $(( $(date +%s) - T0 )) s"

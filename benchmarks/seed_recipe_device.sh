@@ -18,7 +18,7 @@ fi
 [ -f $D/manifest.json ] || timeout 200 python3 -m pgolf data build $FLAG --docs $W/docs_000.jsonl.xz $W/docs_001.jsonl.xz \
   --tokenizer $TOK --val-docs 500 --out $D 2>&1 | grep --line-buffered -v "doc/s" | tail -2
 echo "build done at $(( $(date +%s) - T0 )) s"; sha256sum $D/fineweb_val_000000.bin | cut -c1-16
-LEFT=$(( 590 - ($(date +%s) - T0) ))
+LEFT=$(( ${BUDGET_S:-590} - ($(date +%s) - T0) ))  # BUDGET_S: the seconds this script may take
 timeout $LEFT python3 benchmarks/h100_300s.py --data $D --recipe "$RECIPE" --name seed-$RECIPE --out /tmp/runs \
   --set train.seed=1337 "$@" 2>&1 | grep --line-buffered -v "it/s\]" | tee $OUT/run.log | tail -30
 echo "run done at $(( $(date +%s) - T0 )) s"
