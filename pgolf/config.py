@@ -118,6 +118,9 @@ class TrainConfig:
     compile_warmup_steps: int = 20  # untimed steps that prime compile; model, optimizer, data then reset
     compile: bool = True
     compile_mode: str = "default"  # torch.compile's mode, one of COMPILE_MODES
+    # model: the whole step in one graph (a new one per loop state); blocks: each block structure compiled once
+    # and reused by every layer and loop state, the embedding, skips and head eager (a shorter warm-up)
+    compile_scope: str = "model"
     # Inductor's mix-order reduction fuses a row reduction (RMSNorm backward) with column sums (the per-channel
     # scales' grads); with the record's shapes its kernel ran 10x under bandwidth on an H100 (benchmarks.md)
     mix_order_reduction: bool = True

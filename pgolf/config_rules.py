@@ -27,6 +27,7 @@ FIELD_CHOICES = {
     "optim.clip_scope": ("global", "local"),
     "data.sampler": ("sequential", "coprime"),
     "train.compile_mode": COMPILE_MODES,
+    "train.compile_scope": EVAL_COMPILE_SCOPES,
     "train.device": ("auto", "cpu", "cuda"),
     "quant.method": ("gptq", "rtn"),
     "quant.clip": ("sdclip", "search", "percentile", "pct_search", "none"),

@@ -342,6 +342,41 @@ def test_a_few_training_steps_with_every_flag_on_lower_the_loss():
             assert not torch.equal(p.detach(), start[name]), f"{name} never moved"
 
 
+@pytest.mark.slow
+def test_block_scope_training_equals_eager_and_loop_states_share_its_graphs(compiled_graphs):
+    """train.compile_scope="blocks": a document-masked training step through the compiled blocks gives the
+    eager loss and gradients, and switching the loops on (more virtual layers) compiles no new graph."""
+    import copy
+
+    from pgolf.data.loader import batch_document_ids
+    from pgolf.train.loop import compile_for_training
+
+    run = get_recipe("tiny")
+    run.model = frontier_cfg(**ALL_ON, ve_last_n=2)
+    run.train.compile, run.train.compile_scope, run.train.mix_order_reduction = True, "blocks", True
+    model = build(run.model, recurrence=False)
+    eager = copy.deepcopy(model)
+    step = compile_for_training(model, run)
+    x = tokens(seq=32)
+    y, doc = torch.roll(x, -1, dims=1), batch_document_ids(x)
+    graphs = []
+    for loops in (False, True):
+        model.set_recurrence(loops)
+        eager.set_recurrence(loops)
+        loss, ref = step(x, y, doc_ids=doc), eager(x, y, doc_ids=doc)
+        loss.backward()
+        ref.backward()
+        torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+        grads = dict(eager.named_parameters())
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+        model.zero_grad()
+        eager.zero_grad()
+        graphs.append(dict(compiled_graphs))
+    assert set(graphs[0]) == {"call_block"} and graphs[0]["call_block"] >= 2  # the blocks, nothing else
+    assert graphs[1] == graphs[0]  # 9 virtual layers instead of 5, the same graphs
+
+
 def test_config_checks_for_the_frontier_fields():
     for override, message in (
         (["model.gate_window=0"], "model.gate_window=0 must be >= 1"),

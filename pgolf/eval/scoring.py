@@ -74,9 +74,9 @@ def check_compile_scope(scope: str) -> str:
     return scope
 
 
-def call_block(block, x, x0, cos, sin, ve, keep):
+def call_block(block, x, x0, cos, sin, ve, keep, doc_mask=None):
     """One transformer block: the function the "blocks" scope compiles (GPT.routed_blocks)."""
-    return block(x, x0, cos, sin, ve, keep)
+    return block(x, x0, cos, sin, ve, keep, doc_mask)
 
 
 # Graphs of call_block one process may hold: a scoring forward's block structures (the first block, plain,
@@ -85,22 +85,24 @@ def call_block(block, x, x0, cos, sin, ve, keep):
 BLOCK_GRAPH_LIMIT = 32
 
 
-def compile_blocks_only(fn):
-    """fn(model, *args) eagerly, but with each of the model's blocks through one compiled call_block.
+def compile_blocks_only(fn, options: dict | None = None):
+    """fn(model, *args) eagerly, but with each of the model's blocks through one compiled call_block
+    (Inductor `options`, if any, go to both compiles).
 
     Blocks of the same structure (XSA or not, a value embedding or not) share one compiled graph, since
     their per-layer constants are tensors (GPT.Block.ln_factor): a model of 11 layers compiles a few small
     graphs instead of one large one, a fraction of the compile time, and the embedding, skips and head run
     eagerly. A model without GPT.routed_blocks is compiled whole."""
-    whole = torch.compile(fn, dynamic=False)
-    block_call = torch.compile(call_block, dynamic=False)
+    extra = {"options": options} if options else {}
+    whole = torch.compile(fn, dynamic=False, **extra)
+    block_call = torch.compile(call_block, dynamic=False, **extra)
 
-    def run(model, *args):
+    def run(model, *args, **kwargs):
         if not callable(getattr(model, "routed_blocks", None)):
-            return whole(model, *args)
+            return whole(model, *args, **kwargs)
         limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPH_LIMIT)
         with model.routed_blocks(block_call), torch._dynamo.config.patch(recompile_limit=limit):
-            return fn(model, *args)
+            return fn(model, *args, **kwargs)
 
     return run
 

@@ -285,8 +285,9 @@ class GPT(nn.Module):
 
     @contextlib.contextmanager
     def routed_blocks(self, block_call):
-        """Inside the context every block runs as block_call(block, x, x0, cos, sin, ve, keep) (pgolf.eval.scoring
-        passes one compiled function, shared by all blocks of the same structure)."""
+        """Inside the context every block runs as block_call(block, x, x0, cos, sin, ve, keep, doc_mask): one
+        compiled function shared by all blocks of the same structure (pgolf.eval.scoring.compile_blocks_only,
+        for evaluation and for training with train.compile_scope="blocks")."""
         previous, self.block_call = self.block_call, block_call
         try:
             yield
@@ -334,7 +335,7 @@ class GPT(nn.Module):
             if self.block_call is None:
                 x = block(x, x0, cos, sin, layer_ve, block_keep, doc_mask)
             else:
-                x = self.block_call(block, x, x0, cos, sin, layer_ve, block_keep)
+                x = self.block_call(block, x, x0, cos, sin, layer_ve, block_keep, doc_mask)
             if position < num_encoder:
                 skips.append(x)
         if isinstance(x, tuple):
@@ -372,8 +373,8 @@ class GPT(nn.Module):
         keep = None if keep is None or keep >= input_ids.size(1) else keep
         doc_mask = None
         if doc_ids is not None:
-            if keep is not None or self.block_call is not None:
-                raise ValueError("forward_hidden: doc_ids go with neither keep nor routed blocks")
+            if keep is not None:
+                raise ValueError("forward_hidden: doc_ids do not go with keep")
             if doc_ids.shape != input_ids.shape:
                 raise ValueError(f"forward_hidden: doc_ids of shape {tuple(doc_ids.shape)}, input_ids "
                                  f"{tuple(input_ids.shape)}")

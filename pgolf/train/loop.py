@@ -91,8 +91,9 @@ def set_training_kernels(model, cfg: RunConfig, on: bool) -> None:
 
 
 def compile_for_training(model: torch.nn.Module, cfg: RunConfig):
-    """The module the training steps call: torch.compile'd in train.compile_mode when train.compile, else the
-    model itself (the compiled module shares the model's parameters). Inductor options go to this compile
+    """What the training steps call: the model torch.compile'd in train.compile_mode when train.compile, else
+    the model itself (the compiled module shares the model's parameters). train.compile_scope="blocks"
+    compiles the blocks only (pgolf.eval.scoring.compile_blocks_only). Inductor options go to this compile
     only: the mode's own options, and triton.mix_order_reduction off unless train.mix_order_reduction."""
     if not cfg.train.compile:
         return model
@@ -101,7 +102,17 @@ def compile_for_training(model: torch.nn.Module, cfg: RunConfig):
         options.update(torch._inductor.list_mode_options(cfg.train.compile_mode))
     if not cfg.train.mix_order_reduction:
         options["triton.mix_order_reduction"] = False
+    if cfg.train.compile_scope == "blocks":
+        from pgolf.eval.scoring import compile_blocks_only
+
+        step = compile_blocks_only(call_model, options)
+        return lambda *args, **kwargs: step(model, *args, **kwargs)
     return torch.compile(model, options=options) if options else torch.compile(model)
+
+
+def call_model(model, *args, **kwargs):
+    """model(*args, **kwargs): the function train.compile_scope="blocks" runs with its blocks compiled."""
+    return model(*args, **kwargs)
 
 
 def autocast_context(device: torch.device):

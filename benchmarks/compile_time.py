@@ -1,0 +1,79 @@
+"""The training step's cold compile, loops off then on, for one train.compile_scope (issue 23's warm-up bar).
+
+Builds the recipe's model (shrink it with --set on a CPU), then times, on one batch of the training shape:
+the first step with the loops off (its compile), a second one (steady state), the first step with the loops on
+(the recurrence's graphs) and a second one. Inductor's and Triton's caches point at a fresh temporary folder,
+so every graph is compiled here. Run each scope in its own process and compare the JSON lines:
+    python benchmarks/compile_time.py --recipe frontier --scope model  [--set k=v ...]
+    python benchmarks/compile_time.py --recipe frontier --scope blocks [--set k=v ...]
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+CACHE = tempfile.mkdtemp(prefix="pgolf-compile-time-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(CACHE, "inductor")  # before torch reads them
+os.environ["TRITON_CACHE_DIR"] = os.path.join(CACHE, "triton")
+
+import torch  # noqa: E402
+
+from pgolf.config import apply_overrides  # noqa: E402
+from pgolf.data.loader import TRAIN_BOS_ID, batch_document_ids  # noqa: E402
+from pgolf.recipes import recipe_config  # noqa: E402
+from pgolf.train.loop import autocast_context, build_model, compile_for_training, uses_recurrence  # noqa: E402
+
+
+def timed_step(step, x, y, doc_ids) -> float:
+    """Seconds of one forward + backward (the GPU's queue drained)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    with autocast_context(x.device):
+        loss = step(x, y, doc_ids=doc_ids) if doc_ids is not None else step(x, y)
+    loss.backward()
+    sync()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="frontier")
+    parser.add_argument("--scope", choices=("model", "blocks"), required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--rows", type=int, default=0, help="0 = the recipe's rows per micro-step on one GPU")
+    parser.add_argument("--seq-len", type=int, default=0, help="0 = train.seq_len")
+    args = parser.parse_args()
+    cfg = apply_overrides(recipe_config(args.recipe), args.overrides + [f"train.compile_scope={args.scope}",
+                                                                        "train.compile=true"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg, device)
+    step = compile_for_training(model, cfg)
+    seq = args.seq_len or cfg.train.seq_len
+    rows = args.rows or max(1, cfg.train.batch_tokens // (cfg.train.grad_accum * seq))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(2, cfg.model.vocab_size, (rows, seq), generator=gen)
+    x[:, ::max(1, seq // 3)] = TRAIN_BOS_ID  # several documents a row
+    x, y = x.to(device), torch.roll(x, -1, dims=1).to(device)
+    doc_ids = batch_document_ids(x, TRAIN_BOS_ID) if cfg.train.doc_mask else None
+    row = {"recipe": args.recipe, "scope": args.scope, "device": torch.cuda.get_device_name() if x.is_cuda else "cpu",
+           "torch": torch.__version__, "rows": rows, "seq_len": seq, "overrides": args.overrides}
+    states = (False, True) if uses_recurrence(cfg) else (False,)
+    for loops in states:
+        if uses_recurrence(cfg):
+            model.set_recurrence(loops)
+        name = "loops_on" if loops else "loops_off"
+        row[f"{name}_first_s"] = round(timed_step(step, x, y, doc_ids), 2)
+        row[f"{name}_step_ms"] = round(1000 * timed_step(step, x, y, doc_ids), 1)
+        model.zero_grad(set_to_none=True)
+    row["compile_s"] = round(sum(row[f"{n}_first_s"] - row[f"{n}_step_ms"] / 1000
+                                 for n in ("loops_off", "loops_on") if f"{n}_first_s" in row), 1)
+    print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
