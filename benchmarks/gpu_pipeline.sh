@@ -6,7 +6,7 @@
 # A stage is a command line run in the repo root with OUT=/tmp/pipeline/N; a failed stage does not stop the
 # next. Call `poll` again at once after each reply: a machine left idle 30 s goes back, with the stages.
 # usage: bash benchmarks/gpu_pipeline.sh start "BUDGET_S=700 bash benchmarks/frontier_train_device.sh" ...
-#        bash benchmarks/gpu_pipeline.sh poll 570
+#        bash benchmarks/gpu_pipeline.sh poll 570 [STAGE]   (STAGE: return as soon as that stage has ended)
 P=/tmp/pipeline
 case "$1" in
   start)
@@ -26,12 +26,13 @@ case "$1" in
       sleep 20; done' > /dev/null 2>&1 < /dev/null &
     sleep 2; cat $P/progress ;;
   poll)
-    END=$(( $(date +%s) + ${2:-570} ))
-    while [ ! -f $P/done ] && [ $(date +%s) -lt $END ]; do sleep 5; done
+    END=$(( $(date +%s) + ${2:-570} )); UNTIL=${3:-}  # optional: return once stage UNTIL has ended
+    while [ ! -f $P/done ] && [ $(date +%s) -lt $END ]; do
+      [ -n "$UNTIL" ] && grep -q "stage $UNTIL exit" $P/progress && break; sleep 5; done
     cat $P/progress; nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
     for d in $P/[0-9]*/; do n=$(basename $d)
       (cd $d && find . -maxdepth 1 -type f -size -2M -printf '%f\n' | tar czf $OUT/$n.tgz -T -); done
     cp $P/progress $OUT/progress.txt; cp $P/monitor $OUT/monitor.txt 2>/dev/null; tail -n 4 $P/monitor 2>/dev/null; ls -la $OUT; [ -f $P/done ] && echo "ALL STAGES DONE"
     for f in $P/[0-9]*/*.log; do echo "== $f"; tail -n 25 $f; done ;;
-  *) echo "usage: gpu_pipeline.sh start STAGE... | poll SECONDS"; exit 2 ;;
+  *) echo "usage: gpu_pipeline.sh start STAGE... | poll SECONDS [STAGE]"; exit 2 ;;
 esac
