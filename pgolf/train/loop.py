@@ -301,6 +301,9 @@ def build_trainer(setup: RunSetup) -> Trainer:
     if t.compile_warmup_steps > 0:
         with setup.timer.phase("compile_warmup"):
             compile_warmup(step_model, model, opt, parts.loader, cfg, denv.device)
+        setup.progress.message(f"compile warm-up: {t.compile_warmup_steps} steps in "
+                               f"{setup.timer.elapsed('compile_warmup'):.1f} s (untimed; train.compile_scope="
+                               f"{t.compile_scope})")
         model.load_state_dict(initial_weights)
         if uses_recurrence(cfg):
             model.set_recurrence(False)
