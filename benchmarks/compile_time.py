@@ -22,10 +22,18 @@ os.environ["TRITON_CACHE_DIR"] = os.path.join(CACHE, "triton")
 
 import torch  # noqa: E402
 
+from pgolf.bench.train_bench import bench_device_name  # noqa: E402
 from pgolf.config import apply_overrides  # noqa: E402
+from pgolf.config_rules import COMPILE_SCOPES  # noqa: E402
 from pgolf.data.loader import TRAIN_BOS_ID, batch_document_ids  # noqa: E402
 from pgolf.recipes import recipe_config  # noqa: E402
-from pgolf.train.loop import autocast_context, build_model, compile_for_training, uses_recurrence  # noqa: E402
+from pgolf.train.loop import (  # noqa: E402
+    autocast_context,
+    build_model,
+    compile_for_training,
+    micro_batch_seqs,
+    uses_recurrence,
+)
 
 
 def timed_step(step, x, y, doc_ids) -> float:
@@ -54,7 +62,7 @@ def training_batch(cfg, rows: int, seq: int, seed: int, device) -> tuple:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", default="frontier")
-    parser.add_argument("--scope", choices=("model", "blocks"), required=True)
+    parser.add_argument("--scope", choices=COMPILE_SCOPES, required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--rows", type=int, default=0, help="0 = the recipe's rows per micro-step on one GPU")
     parser.add_argument("--seq-len", type=int, default=0, help="0 = train.seq_len")
@@ -65,22 +73,22 @@ def main() -> int:
     model = build_model(cfg, device)
     step = compile_for_training(model, cfg)
     seq = args.seq_len or cfg.train.seq_len
-    rows = args.rows or max(1, cfg.train.batch_tokens // (cfg.train.grad_accum * seq))
+    rows = args.rows or micro_batch_seqs(cfg, 1)
     batches = [training_batch(cfg, rows, seq, seed, device) for seed in (0, 1, 2)]
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    row = {"recipe": args.recipe, "scope": args.scope, "device": name,
+    row = {"recipe": args.recipe, "scope": args.scope, "device": bench_device_name(device),
            "torch": torch.__version__, "rows": rows, "seq_len": seq, "overrides": args.overrides}
-    states = (False, True) if uses_recurrence(cfg) else (False,)
-    for loops in states:
+    compile_s = 0.0
+    for loops in (False, True) if uses_recurrence(cfg) else (False,):
         if uses_recurrence(cfg):
             model.set_recurrence(loops)
-        name = "loops_on" if loops else "loops_off"
-        row[f"{name}_first_s"] = round(timed_step(step, *batches[0]), 2)
+        state = "loops_on" if loops else "loops_off"
+        first_s = timed_step(step, *batches[0])
         steps = sorted(timed_step(step, *batches[1 + i % 2]) for i in range(4))  # other documents: no recompile
-        row[f"{name}_step_ms"] = round(500 * (steps[1] + steps[2]), 1)
+        step_s = 0.5 * (steps[1] + steps[2])
+        row[f"{state}_first_s"], row[f"{state}_step_ms"] = round(first_s, 2), round(1000 * step_s, 1)
+        compile_s += first_s - step_s
         model.zero_grad(set_to_none=True)
-    row["compile_s"] = round(sum(row[f"{n}_first_s"] - row[f"{n}_step_ms"] / 1000
-                                 for n in ("loops_off", "loops_on") if f"{n}_first_s" in row), 1)
+    row["compile_s"] = round(compile_s, 1)
     print(json.dumps(row))
     return 0
 

@@ -10,8 +10,9 @@ from pgolf.errors import UserError
 # torch.compile's modes: "max-autotune*" tune GEMM / Triton templates (and may fuse epilogues) at a longer
 # compile; "reduce-overhead" and "max-autotune" also capture CUDA graphs.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
-# What an evaluation's torch.compile covers (pgolf.eval.scoring): the whole scoring function, or the blocks only.
-EVAL_COMPILE_SCOPES = ("model", "blocks")
+# What a torch.compile covers (train.compile_scope, eval.compile_scope; pgolf.eval.scoring.compile_blocks_only):
+# the whole step or scoring function, or the blocks only.
+COMPILE_SCOPES = ("model", "blocks")
 
 
 # What eval.ttt_mode=doc_lora adapts (pgolf.eval.doc_lora): attention q, k, v, o; the MLP; the LM head.
@@ -27,7 +28,7 @@ FIELD_CHOICES = {
     "optim.clip_scope": ("global", "local"),
     "data.sampler": ("sequential", "coprime"),
     "train.compile_mode": COMPILE_MODES,
-    "train.compile_scope": EVAL_COMPILE_SCOPES,
+    "train.compile_scope": COMPILE_SCOPES,
     "train.device": ("auto", "cpu", "cuda"),
     "quant.method": ("gptq", "rtn"),
     "quant.clip": ("sdclip", "search", "percentile", "pct_search", "none"),
@@ -40,7 +41,7 @@ FIELD_CHOICES = {
     "quant.codec": ("auto", "zlib", "lzma", "zstd", "brotli"),
     "eval.ttt_mode": ("sgd", "muon", "lora", "doc_lora"),
     "eval.ttt_freeze_scope": ("all", "vectors"),
-    "eval.compile_scope": EVAL_COMPILE_SCOPES,
+    "eval.compile_scope": COMPILE_SCOPES,
 }
 
 

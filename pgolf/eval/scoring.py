@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pgolf.config_rules import EVAL_COMPILE_SCOPES
+from pgolf.config_rules import COMPILE_SCOPES
 from pgolf.dist import cuda_sync
 from pgolf.errors import UserError
 
@@ -69,8 +69,8 @@ def check_scorer(scorer: str) -> str:
 
 def check_compile_scope(scope: str) -> str:
     """For callers that pass a scope without a validated config (validate_config checks eval.compile_scope)."""
-    if scope not in EVAL_COMPILE_SCOPES:
-        raise UserError(f"eval.compile_scope={scope!r} is not one of {'|'.join(EVAL_COMPILE_SCOPES)}")
+    if scope not in COMPILE_SCOPES:
+        raise UserError(f"eval.compile_scope={scope!r} is not one of {'|'.join(COMPILE_SCOPES)}")
     return scope
 
 
