@@ -223,6 +223,7 @@ class EvalConfig:
     ttt_global_lr: float = 0.001  # global SGD, cosine over its chunks
     ttt_global_momentum: float = 0.9
     ttt_global_chunk_tokens: int = 32_768  # tokens per global SGD step
+    ttt_doc_compile: bool = False  # torch.compile the chunk step (dynamic shapes; the eager step is the reference)
     time_budget_s: float = 600.0
 
 

@@ -174,8 +174,9 @@ def test_doc_ttt_on_documents_longer_than_the_window_slides_inside_each_and_cut_
     assert cut["nll_sum"] == pytest.approx(full["nll_sum"], rel=1e-5)
 
 
-def test_doc_ttt_cut_equals_full_forward_on_the_frontier_blocks():
-    """The cut forward through the frontier's looped layers, parallel lanes, XSA, gates and SmearGate v2."""
+def small_frontier(device: str = "cpu") -> tuple[GPT, EvalConfig]:
+    """The frontier's looped layers, parallel lanes, XSA, gates and SmearGate v2 at toy width, loops on, and its
+    evaluation with doc_cfg's TTT sizes."""
     cfg = get_recipe("frontier")
     m = cfg.model
     m.num_layers, m.model_dim, m.vocab_size, m.num_heads, m.num_kv_heads = 5, 64, VOCAB, 4, 2
@@ -189,6 +190,12 @@ def test_doc_ttt_cut_equals_full_forward_on_the_frontier_blocks():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     e = dataclasses.replace(cfg.eval, **{k: v for k, v in dataclasses.asdict(doc_cfg()).items()
                                           if k.startswith("ttt_") and k != "ttt_lora_targets"})
+    return model.to(device), e
+
+
+def test_doc_ttt_cut_equals_full_forward_on_the_frontier_blocks():
+    """The cut forward through the frontier's looped layers, parallel lanes, XSA, gates and SmearGate v2."""
+    model, e = small_frontier()
     tokens = doc_stream()
     cut, full = (run_pass(model, tokens, lut(), PassSpec("ttt", "doc_ttt", 32, eval_cfg=e, scorer=scorer),
                           return_per_token=True) for scorer in ("eager", "reference"))
@@ -257,3 +264,73 @@ def test_the_harness_fails_doc_ttt_that_rescores_a_chunk_after_adapting_on_it(mo
                                                       lambda m, t, lu, **kw: run_pass(m, t, lu, doc_spec(), **kw),
                                                       audit_row=None, val_pattern="none_*")}
     assert not results["score_before_update"].passed and "scored 2 times" in results["score_before_update"].detail
+
+
+def test_compiled_doc_ttt_step_equals_the_eager_one_with_one_dynamic_graph(monkeypatch):
+    """eval.ttt_doc_compile: the chunk steps after each batch's first run through one graph, dynamic in rows
+    and width (a lone row doubled, gradients on), and give the eager pass's scores and updates. The CPU test
+    compiles with aot_eager (Dynamo and AOTAutograd's graphs, not Inductor's code, which takes ~2 min here)."""
+    from torch._dynamo.utils import counters
+
+    import pgolf.eval.scoring as scoring
+
+    compile_fn = torch.compile
+    monkeypatch.setattr(scoring.torch, "compile", lambda fn, **kw: compile_fn(fn, **{**kw, "backend": "aot_eager"}))
+    scoring.reset_shared_compiles()
+    torch._dynamo.reset()
+    counters.clear()
+    model, tokens = tiny_gpt(), doc_stream()
+    eager = run_pass(model, tokens, lut(), doc_spec(), return_per_token=True)
+    spec = dataclasses.replace(doc_spec(ttt_doc_compile=True), scorer="compiled")
+    compiled = run_pass(model, tokens, lut(), spec, return_per_token=True)
+    scoring.reset_shared_compiles()
+    assert counters["stats"]["unique_graphs"] == 1 and compiled["compile_s"] > 0
+    assert compiled["updates"] == eager["updates"] > 0 and compiled["phases"] == eager["phases"] == 2
+    assert compiled["nll_sum"] == pytest.approx(eager["nll_sum"], rel=1e-6)
+    assert torch.allclose(compiled["per_token_nll"][1:], eager["per_token_nll"][1:], atol=1e-5)
+
+
+def test_redrawn_adapters_equal_a_new_set_of_the_same_seed():
+    model = tiny_gpt()
+    lora = BatchedLora(model, 2, 3, 3.0, parse_lora_targets("q,v,mlp,head"), seed=0)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.add_(1.0)
+    lora.redraw(5)
+    fresh = BatchedLora(model, 2, 3, 3.0, parse_lora_targets("q,v,mlp,head"), seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(lora.parameters(), fresh.parameters(), strict=True))
+
+
+def test_doc_ttt_past_its_time_limit_scores_every_token_without_adapting():
+    model, tokens = tiny_gpt(), doc_stream()
+    limited = run_pass(model, tokens, lut(), doc_spec(ttt_time_limit_s=1e-9))
+    unadapted = run_pass(model, tokens, lut(), doc_spec(ttt_phases=0, ttt_lr=0.0, ttt_weight_decay=0.0))
+    assert limited["updates"] == limited["phases"] == 0 and limited["tokens"] == tokens.numel() - 1
+    assert limited["nll_sum"] == pytest.approx(unadapted["nll_sum"], rel=1e-9)
+
+
+def test_the_runner_logs_each_pass_and_doc_ttt_progress(monkeypatch):
+    import pgolf.eval.ttt_doc as ttt_doc
+
+    monkeypatch.setattr(ttt_doc, "PROGRESS_EVERY_S", 0.0)
+    lines = []
+    run = run_passes(tiny_gpt(), doc_stream(), lut(), [doc_spec()], log=lines.append)
+    steps = [line for line in lines if line.startswith("doc TTT: step ")]
+    assert lines[0].startswith("eval pass ttt (doc_ttt, 240 tokens)")
+    assert steps[-1].startswith(f"doc TTT: step {len(steps)}/{len(steps)}, ") and "documents, bpb so far" in steps[-1]
+    assert lines[-1].startswith(f"eval pass ttt: val_bpb {run.results['ttt'].val_bpb:.5f} in ")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compiled_doc_ttt_on_cuda_matches_the_eager_pass_on_the_frontier_blocks(scope):
+    """eval.ttt_doc_compile with Inductor on CUDA, both compile scopes, against the eager step (bf16 autocast
+    in both: the scores agree to rounding, and every update runs)."""
+    model, e = small_frontier("cuda")
+    tokens = doc_stream()
+    eager = run_pass(model, tokens, lut(), PassSpec("ttt", "doc_ttt", 32, eval_cfg=e, scorer="eager"))
+    spec = PassSpec("ttt", "doc_ttt", 32, eval_cfg=dataclasses.replace(e, ttt_doc_compile=True, compile_scope=scope),
+                    scorer="compiled", compile_scope=scope)
+    compiled = run_pass(model, tokens, lut(), spec)
+    assert compiled["compile_s"] > 0 and compiled["updates"] == eager["updates"] > 0
+    assert compiled["nll_sum"] == pytest.approx(eager["nll_sum"], rel=2e-3)

@@ -114,7 +114,7 @@ def test_seed_recipes_carry_the_pr_settings():
     assert dict((key, (ref, value)) for key, ref, value in recipe_differences("pr1948", "frontier")) == {
         "model.mlp_slope": (0.5, 0.3), "model.embed_param_dtype": ("float32", "bfloat16"),
         "optim.clip_scope": ("global", "local"), "train.warmdown_frac": (0.85, 0.75),
-        "train.calib_reserve_s": (5.0, 16.0), "train.seed": (1337, 1334), "quant.sdclip_k_embed": (14.0, 15.0),
+        "train.calib_reserve_s": (7.0, 16.0), "train.seed": (1337, 1334), "quant.sdclip_k_embed": (14.0, 15.0),
         "quant.codec": ("auto", "brotli"), "quant.sdclip_k_mlp": (11.5, 12.0), "quant.fit_k": (True, False),
         "quant.lqer_top_k": (3, 1), "eval.ttt_lora_rank": (80, 96),
         "eval.ttt_lora_targets": ("q,k,v,o,mlp,head", "k,mlp,o"),

@@ -165,7 +165,7 @@ def format_eval_receipt(receipt: dict) -> str:
 
 
 def eval_and_report(args, artifact: Path, cfg: RunConfig, denv) -> int:
-    from pgolf.eval.runner import passes_from_config, run_passes
+    from pgolf.eval.runner import eval_log, passes_from_config, run_passes
     from pgolf.eval.scoring import load_compiler, scorer_for
     from pgolf.eval.warmup import warm_configured_eval
 
@@ -179,7 +179,8 @@ def eval_and_report(args, artifact: Path, cfg: RunConfig, denv) -> int:
     warm = warm_configured_eval(model, cfg, denv.rank, denv.world_size)
     setup["compile_warmup_s"] = warm["seconds"]
     t0 = time.perf_counter()
-    run = run_passes(model, tokens, lut, passes_from_config(cfg), denv.rank, denv.world_size)
+    run = run_passes(model, tokens, lut, passes_from_config(cfg), denv.rank, denv.world_size,
+                     log=eval_log if denv.is_main else None)
     if not denv.is_main:
         return 0
     results = run.as_dict()

@@ -71,6 +71,7 @@ class BatchedLora:
         if not self.adapters and self.head is None:
             raise UserError(f"eval.ttt_lora_targets={','.join(targets)}: the model has no such linear map")
         self.hooks = []
+        self.active = True  # False: the hooks add nothing (the global phases train the base model alone)
 
     def parameters(self) -> list[nn.Parameter]:
         mods = [ad for _, ad in self.adapters] + ([self.head] if self.head is not None else [])
@@ -79,22 +80,34 @@ class BatchedLora:
     def attach(self) -> None:
         for module, adapter in self.adapters:
             self.hooks.append(module.register_forward_hook(
-                lambda mod, args, out, ad=adapter: out + ad.delta(args[0], self.rows, self.scale).to(out.dtype)))
+                lambda mod, args, out, ad=adapter: self.add_delta(ad, args[0], out)))
         if self.head is not None:
             base = type(self.model).head_projection.__get__(self.model)
             norm = self.model.final_norm
 
             def head_projection(hidden):
-                out = base(hidden)
-                return out + self.head.delta(norm(hidden), self.rows, self.scale).to(out.dtype)
+                return self.add_delta(self.head, norm(hidden), base(hidden))
 
             self.model.head_projection = head_projection  # an instance attribute over the class's method
+
+    def add_delta(self, adapter: SlotAdapter, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out + adapter.delta(x, self.rows, self.scale).to(out.dtype) if self.active else out
 
     def detach(self) -> None:
         for h in self.hooks:
             h.remove()
         self.hooks = []
         self.model.__dict__.pop("head_projection", None)
+
+    @torch.no_grad()
+    def redraw(self, seed: int) -> None:
+        """Every A drawn and every B zeroed as a new BatchedLora(..., seed) would: the same tensors in place, so
+        that a compiled step's guards on them still hold."""
+        gen = torch.Generator().manual_seed(seed)
+        for _, ad in self.adapters + ([(None, self.head)] if self.head is not None else []):
+            bound = 1.0 / math.sqrt(ad.a.size(-1))
+            ad.a.copy_((torch.rand(ad.a.shape, generator=gen) * 2 - 1) * bound)
+            ad.b.zero_()
 
     @torch.no_grad()
     def reset(self, warm_a: bool, generator: torch.Generator) -> None:

@@ -87,8 +87,9 @@ def passes_from_config(cfg, final_eval: bool = True, plain_name: str = "plain", 
 
 
 def run_pass(model, tokens, lut, spec: PassSpec, rank: int = 0, world_size: int = 1, return_per_token: bool = False,
-             inspect=None) -> dict:
-    """One pass's full result (pgolf.eval.bpb's dict: sums, seconds, and what the kind adds)."""
+             inspect=None, log=None) -> dict:
+    """One pass's full result (pgolf.eval.bpb's dict: sums, seconds, and what the kind adds); `log(line)` gets
+    the document-TTT pass's progress lines."""
     from pgolf.eval.documents import doc_isolated
 
     if spec.kind not in PASS_KINDS:
@@ -114,7 +115,12 @@ def run_pass(model, tokens, lut, spec: PassSpec, rank: int = 0, world_size: int 
         return evaluate_ttt(model, tokens, lut, e, spec.seq_len, scorer=spec.scorer, **kw)
     from pgolf.eval.ttt_doc import evaluate_doc_ttt
 
-    return evaluate_doc_ttt(model, tokens, lut, spec.eval_cfg, spec.seq_len, scorer=spec.scorer, **kw)
+    return evaluate_doc_ttt(model, tokens, lut, spec.eval_cfg, spec.seq_len, scorer=spec.scorer, log=log, **kw)
+
+
+def eval_log(line: str) -> None:
+    """The progress lines of rank 0's passes, on stdout at once (a device log shows them live)."""
+    print(line, flush=True)
 
 
 def pass_result(spec: PassSpec, raw: dict) -> PassResult:
@@ -126,17 +132,22 @@ def pass_result(spec: PassSpec, raw: dict) -> PassResult:
 
 
 def run_passes(model, tokens, lut, specs: list, rank: int = 0, world_size: int = 1, phase=None,
-               on_result=None) -> EvalRun:
+               on_result=None, log=None) -> EvalRun:
     """Run the passes in order; `phase(name)` is the caller's clock (a context manager, e.g. a run's
     PhaseTimer.phase; none by default), entered as eval_<name> around each pass; on_result(result),
-    if given, sees each result as it comes."""
+    if given, sees each result as it comes; `log(line)`, if given, a line as each pass starts and ends
+    (and the document-TTT pass's progress)."""
     results, timings = {}, {}
     for spec in specs:
         clock = SecondsSplit()
+        if log is not None:
+            log(f"eval pass {spec.name} ({spec.kind}, {tokens.numel():,} tokens) ...")
         with clock.phase("pass"), (phase(spec.receipt_key[:-2]) if phase else contextlib.nullcontext()):
-            raw = run_pass(model, tokens, lut, spec, rank, world_size)
+            raw = run_pass(model, tokens, lut, spec, rank, world_size, log=log)
         results[spec.name] = pass_result(spec, raw)
         timings[spec.receipt_key] = clock.elapsed("pass")
+        if log is not None:
+            log(f"eval pass {spec.name}: val_bpb {results[spec.name].val_bpb:.5f} in {timings[spec.receipt_key]:.1f} s")
         if on_result is not None:
             on_result(results[spec.name])
     return EvalRun(results, timings)

@@ -85,17 +85,17 @@ def call_block(block, x, x0, cos, sin, ve, keep, doc_mask=None):
 BLOCK_GRAPH_LIMIT = 32
 
 
-def compile_blocks_only(fn, options: dict | None = None):
+def compile_blocks_only(fn, options: dict | None = None, dynamic: bool = False):
     """fn(model, *args) eagerly, but with each of the model's blocks through one compiled call_block
-    (Inductor `options`, if any, go to both compiles).
+    (Inductor `options`, if any, and `dynamic` go to both compiles).
 
     Blocks of the same structure (XSA or not, a value embedding or not) share one compiled graph, since
     their per-layer constants are tensors (GPT.Block.ln_factor): a model of 11 layers compiles a few small
     graphs instead of one large one, a fraction of the compile time, and the embedding, skips and head run
     eagerly. A model without GPT.routed_blocks is compiled whole."""
     extra = {"options": options} if options else {}
-    whole = torch.compile(fn, dynamic=False, **extra)
-    block_call = torch.compile(call_block, dynamic=False, **extra)
+    whole = torch.compile(fn, dynamic=dynamic, **extra)
+    block_call = torch.compile(call_block, dynamic=dynamic, **extra)
 
     def run(model, *args, **kwargs):
         if not callable(getattr(model, "routed_blocks", None)):
@@ -114,11 +114,12 @@ _COMPILED: dict = {}
 WARM_SIGNATURES: set = set()
 
 
-def shared_compile(fn, scope: str):
-    """The process's compiled callable of fn in this scope (created on first use)."""
-    key = (fn, check_compile_scope(scope))
+def shared_compile(fn, scope: str, dynamic: bool = False):
+    """The process's compiled callable of fn in this scope, static or dynamic shapes (created on first use)."""
+    key = (fn, check_compile_scope(scope), dynamic)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=False) if scope == "model" else compile_blocks_only(fn)
+        _COMPILED[key] = (torch.compile(fn, dynamic=dynamic) if scope == "model"
+                          else compile_blocks_only(fn, dynamic=dynamic))
     return _COMPILED[key]
 
 
@@ -187,15 +188,16 @@ class StaticShapeCompile:
     (the eager function is the reference; an error of its own still raises).
 
     `scope` "model" compiles fn whole (fn(model, ...) taking the model first), "blocks" only the model's
-    blocks (compile_blocks_only). `first_call_s` sums the wall seconds of each compiled signature's first
-    call, the GPU synchronised around it: the compile of its forward (a backward, compiled at its first
-    backward pass, is not in it) plus one call's work. An evaluation reports it, so that its time splits
+    blocks (compile_blocks_only); `dynamic` compiles with dynamic shapes instead (one graph serves a
+    signature's every shape: the document-TTT step's). `first_call_s` sums the wall seconds of each compiled
+    signature's first call, the GPU synchronised around it: the compile of its forward (a backward, compiled
+    at its first backward pass, is not in it) plus one call's work. An evaluation reports it, so that its time splits
     into compiling and scoring."""
 
-    def __init__(self, fn, signatures, name: str, scope: str = "model"):
+    def __init__(self, fn, signatures, name: str, scope: str = "model", dynamic: bool = False):
         self.fn, self.name, self.scope = fn, name, check_compile_scope(scope)
         self.signatures = set(signatures)
-        self.compiled = shared_compile(fn, scope) if self.signatures else None
+        self.compiled = shared_compile(fn, scope, dynamic) if self.signatures else None
         self.first_call_s = 0.0
         self._called = set()
 

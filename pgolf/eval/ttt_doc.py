@@ -16,6 +16,9 @@ phased global SGD over the already-scored documents (frontier.md §8; the 2026-0
   scored documents cross each of eval.ttt_phases boundaries of it, one epoch of SGD on the whole base model runs
   over the scored prefix so far (cumulative, document-masked rows of seq_len, chunks of
   eval.ttt_global_chunk_tokens, cosine lr from eval.ttt_global_lr), then fresh adapters continue the queue.
+- Speed and time: with eval.ttt_doc_compile the chunk steps run one compiled graph (chunk_nll); past
+  eval.ttt_time_limit_s the rest is scored without adapting and without phases; a progress line goes to the
+  caller's `log` every PROGRESS_EVERY_S.
 
 The event trace lists, per step, the spans of targets scored ("score") and the spans of tokens an update used
 ("update": a document's targets start+1 .. start+e; its BOS input is the document boundary itself), so that
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pgolf.data.loader import TRAIN_BOS_ID, batch_document_ids
+from pgolf.dist import all_reduce_max
 from pgolf.errors import UserError
 from pgolf.eval.bpb import (
     BpbAccumulator,
@@ -88,9 +92,13 @@ class DocTttState:
     score_step: torch.Tensor | None
     inspect: object
     score_fn: object  # fn(model, x, y, keep) -> NLL (R, keep) of each row's last `keep` positions
+    compiled_fn: object = None  # the same compiled (eval.ttt_doc_compile), for chunk_nll's chunks
     trace: list = field(default_factory=list)
     step: int = 0
     updates: int = 0
+    deadline: float = math.inf  # perf_counter past which chunks are scored without adapting (eval.ttt_time_limit_s)
+    progress: object = None  # DocTttProgress, or None
+    seconds: SecondsSplit = field(default_factory=SecondsSplit)  # "score_adapt_s", "global_s"
 
 
 def chunk_batch(st: DocTttState, docs: list[tuple[int, int]], c: int):
@@ -148,12 +156,11 @@ def inspect_chunk(st: DocTttState, lora: BatchedLora, slots, x, y, nll, mask, ke
 
 def doc_chunk_step(st: DocTttState, lora: BatchedLora, opt, docs, slots: list[int], c: int, n_chunks) -> None:
     """Score chunk c of the active documents, then one adapter step on those with a later chunk."""
-    lora.rows = torch.tensor(slots, device=st.tokens.device)
     x, y, mask, first, spans = chunk_batch(st, docs, c)
     keep = chunk_keep(st, x.size(1))
-    train_rows = [c < n - 1 for n in n_chunks]
-    with torch.set_grad_enabled(any(train_rows)), eval_autocast(x.device):
-        nll = st.score_fn(st.work, x, y, keep).float()
+    adapting = time.perf_counter() < st.deadline
+    train_rows = [adapting and c < n - 1 for n in n_chunks]
+    nll = chunk_nll(st, lora, slots, x, y, keep, c, any(train_rows))
     kept_mask = mask[:, x.size(1) - keep:]
     record_scores(st, docs, spans, nll.detach(), kept_mask, first + (x.size(1) - keep))
     if st.inspect is not None:
@@ -168,6 +175,22 @@ def doc_chunk_step(st: DocTttState, lora: BatchedLora, opt, docs, slots: list[in
                          "spans": [[d[0] + 1, d[0] + e]
                                    for d, (_, e), t in zip(docs, spans, train_rows, strict=True) if t]})
     st.step += 1
+    if st.progress is not None:
+        st.progress.step(st)
+
+
+def chunk_nll(st: DocTttState, lora: BatchedLora, slots: list[int], x, y, keep: int, c: int, grad: bool):
+    """NLL (R, keep) of the chunk's windows through the slots' adapters. The compiled step (st.compiled_fn)
+    takes chunks c >= 1 only, where width > keep, one row doubled when alone, gradients on: so that one graph
+    (dynamic in rows and width) serves all of them; the first chunk of a batch runs eagerly."""
+    compiled = st.compiled_fn is not None and c >= 1
+    rows = slots + slots if compiled and len(slots) == 1 else slots
+    lora.rows = torch.tensor(rows, device=x.device)
+    if len(rows) > x.size(0):
+        x, y = x.repeat(2, 1), y.repeat(2, 1)
+    with torch.set_grad_enabled(grad or compiled), eval_autocast(x.device):
+        nll = (st.compiled_fn if compiled else st.score_fn)(st.work, x, y, keep).float()
+    return nll[:len(slots)]
 
 
 def run_doc_batch(st: DocTttState, lora: BatchedLora, docs: list[tuple[int, int]], generator) -> None:
@@ -244,15 +267,84 @@ def new_lora(st: DocTttState, seed: int) -> BatchedLora:
     return lora
 
 
+def run_queue(st: DocTttState, queue: list[list[int]], docs, points: dict, rank: int, world_size: int) -> int:
+    """This rank's batches of the queue (every world_size-th) and, at the phase points, the global phases (on
+    every rank); the phases run. One set of adapters serves the whole pass: switched off for the phases, then
+    drawn afresh, in place (a compiled step keeps its graphs)."""
+    generator = torch.Generator().manual_seed(0)
+    lora, phases_run = new_lora(st, 0), 0
+    for i, batch in enumerate(queue):
+        if i % world_size == rank:
+            with st.seconds.phase("score_adapt_s"):
+                run_doc_batch(st, lora, [docs[j] for j in batch], generator)
+            if st.progress is not None:
+                st.progress.docs_done += len(batch)
+        if i in points and before_deadline(st):
+            lora.active = False
+            scored = [j for b in queue[:i + 1] for j in b]
+            for n_docs in points[i]:
+                with st.seconds.phase("global_s"):
+                    global_sgd_phase(st, [docs[j] for j in scored[:n_docs]], rank, world_size)
+                phases_run += 1
+            lora.active = True
+            lora.redraw(phases_run)
+    lora.detach()
+    return phases_run
+
+
+def before_deadline(st: DocTttState) -> bool:
+    """Whether every rank is still inside eval.ttt_time_limit_s (a collective only when a limit is set)."""
+    if st.deadline == math.inf:
+        return True
+    return all_reduce_max(1.0 if time.perf_counter() >= st.deadline else 0.0) == 0.0
+
+
+PROGRESS_EVERY_S = 30.0  # seconds between two progress lines of a pass
+
+
+class DocTttProgress:
+    """A line through `log` at most every PROGRESS_EVERY_S: chunk steps and documents done, the running bpb
+    (read from the device then only) and the seconds so far; `log` None: nothing (no host sync either)."""
+
+    def __init__(self, log, total_steps: int, n_docs: int):
+        self.log, self.total, self.n_docs, self.every_s = log, total_steps, n_docs, PROGRESS_EVERY_S
+        self.t0 = self.last = time.perf_counter()
+        self.docs_done = self.steps_done = 0
+
+    def step(self, st: DocTttState) -> None:
+        self.steps_done += 1
+        now = time.perf_counter()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        bpb = st.acc.result()["val_bpb"]
+        adapting = "" if now < st.deadline else ", past eval.ttt_time_limit_s: scoring only"
+        self.log(f"doc TTT: step {self.steps_done}/{self.total}, {self.docs_done}/{self.n_docs} documents, "
+                 f"bpb so far {bpb:.5f}, {now - self.t0:.0f} s{adapting}")
+
+
+def doc_step_scorer(model, cfg, scorer: str):
+    """(fn(model, x, y, keep), its StaticShapeCompile or None): the chunk step's cut forward (chunk_keep), or
+    the full one for the scorer "reference"; with eval.ttt_doc_compile, where the scorer compiles on this device
+    ("auto" on CUDA, "compiled" anywhere), also that function torch.compile'd with dynamic shapes (one graph for
+    every rows x width: chunk_nll; in scope "blocks" the blocks only), falling back to it eagerly if a compile
+    fails."""
+    from pgolf.eval.scoring import StaticShapeCompile, compile_min_count
+
+    fn = full_tail_nll if check_scorer(scorer) == "reference" else scoring_function(model)
+    if not cfg.ttt_doc_compile or scorer == "reference" or compile_min_count(scorer, model_device(model), 1) is None:
+        return fn, None
+    return fn, StaticShapeCompile(fn, ["any"], "document-TTT step", cfg.compile_scope, dynamic=True)
+
+
 def evaluate_doc_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, rank: int = 0, world_size: int = 1,
-                     return_per_token: bool = False, inspect=None, scorer: str | None = None) -> dict:
+                     return_per_token: bool = False, inspect=None, scorer: str | None = None, log=None) -> dict:
     """Phased per-document LoRA TTT (module docstring) on a copy of the model; `cfg` is an EvalConfig, seq_len
     the window. The result adds "documents", "prefix_docs", "phases", "updates", the event "trace" and the
-    seconds of scoring with adaptation ("score_adapt_s") and of the global phases ("global_s"). The pass runs
-    eagerly; `scorer` "reference" runs the model's full forward on every window position (the plain reference
-    of the cut one, chunk_keep), any other mode the cut forward."""
+    seconds of scoring with adaptation ("score_adapt_s") and of the global phases ("global_s"). The chunk step
+    is doc_step_scorer's (eager unless eval.ttt_doc_compile); `log(line)`, if given, gets a progress line every
+    30 s. Past eval.ttt_time_limit_s (> 0) the remaining chunks are scored without adapting and no phase runs."""
     check_eval_inputs(val_tokens, seq_len, 1)
-    score_fn = full_tail_nll if check_scorer(scorer or "eager") == "reference" else scoring_function(model)
     if cfg.ttt_doc_chunk < 1:
         raise UserError(f"eval.ttt_doc_chunk={cfg.ttt_doc_chunk} must be at least 1")
     t0 = time.perf_counter()
@@ -268,27 +360,24 @@ def evaluate_doc_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, ra
     per_token = PerTokenScores(tokens.numel()) if return_per_token else None
     st = DocTttState(work, tokens.to(device), stream_byte_cumsum(tokens, lut), cfg, seq_len, BpbAccumulator(device),
                      per_token, torch.full((tokens.numel(),), -1, dtype=torch.int64) if per_token else None, inspect,
-                     score_fn)
-    split, generator = SecondsSplit(), torch.Generator().manual_seed(0)
-    lora, phases_run = new_lora(st, 0), 0
-    for i, batch in enumerate(queue):
-        if i % world_size == rank:
-            with split.phase("score_adapt_s"):
-                run_doc_batch(st, lora, [docs[j] for j in batch], generator)
-        if i in points:
-            lora.detach()
-            scored = [j for b in queue[:i + 1] for j in b]
-            for n_docs in points[i]:
-                with split.phase("global_s"):
-                    global_sgd_phase(st, [docs[j] for j in scored[:n_docs]], rank, world_size)
-                phases_run += 1
-            lora = new_lora(st, phases_run)
-    lora.detach()
+                     None)
+    st.score_fn, compiled = doc_step_scorer(work, cfg, scorer or "eager")
+    if compiled is not None:
+        st.compiled_fn = lambda *args: compiled("any", *args)
+    if cfg.ttt_time_limit_s > 0:
+        st.deadline = t0 + cfg.ttt_time_limit_s
+    mine = [b for i, b in enumerate(queue) if i % world_size == rank]
+    if log is not None:
+        st.progress = DocTttProgress(log, sum(max(math.ceil(docs[j][1] / cfg.ttt_doc_chunk) for j in b) for b in mine),
+                                     sum(len(b) for b in mine))
+    phases_run = run_queue(st, queue, docs, points, rank, world_size)
     st.acc.all_reduce()
     out = st.acc.result()
-    out.update({"seconds": time.perf_counter() - t0, "compile_s": 0.0, "documents": len(docs), "batches": len(queue),
-                "prefix_docs": prefix, "phases": phases_run, "updates": st.updates, "trace": st.trace,
-                "score_adapt_s": split.elapsed("score_adapt_s"), "global_s": split.elapsed("global_s")})
+    compile_s = compiled.first_call_s if compiled is not None else 0.0
+    out.update({"seconds": time.perf_counter() - t0, "compile_s": compile_s, "documents": len(docs),
+                "batches": len(queue), "prefix_docs": prefix, "phases": phases_run, "updates": st.updates,
+                "trace": st.trace, "time_limited": time.perf_counter() >= st.deadline,
+                "score_adapt_s": st.seconds.elapsed("score_adapt_s"), "global_s": st.seconds.elapsed("global_s")})
     out.update(lut_bytes_report(tokens, lut, [(s, s, s + p) for s, p in docs], out["nll_sum"]))
     if per_token is not None:
         out.update(per_token.as_dict())

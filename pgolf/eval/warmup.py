@@ -44,7 +44,8 @@ def eval_compile_plan(cfg, seq_len: int, rank: int = 0, world_size: int = 1) -> 
     "scoring": (length, keep) of the scoring forward: whole windows (the plain pass; the first window of the
     sliding and TTT passes) and, with a stride, the sliding windows; "ttt_step": (rows, length) of TTT's
     steps over full chunks (a short last chunk runs eagerly)."""
-    stream_ttt = cfg.ttt and cfg.ttt_mode != "doc_lora"  # document TTT runs eagerly
+    # document TTT compiles its one dynamic graph in its pass (eval.ttt_doc_compile), counted in its seconds
+    stream_ttt = cfg.ttt and cfg.ttt_mode != "doc_lora"
     scoring = {(seq_len, seq_len)}
     for on, stride in ((cfg.sliding_stride > 0, cfg.sliding_stride), (stream_ttt, ttt_window_stride(cfg, seq_len))):
         if on and stride < seq_len:

@@ -18,7 +18,7 @@ from pgolf.data.shards import FILE_AUDIT, resolve_shard_files, shard_token_count
 from pgolf.dist import DistEnv, all_gather_text, barrier, print0
 from pgolf.eval.legality import FILE_AUDIT_NAME, check_val_not_opened, read_file_audit
 from pgolf.eval.receipts import compliance_summary, format_compliance_table, format_timing_receipt
-from pgolf.eval.runner import passes_from_config, run_pass, run_passes
+from pgolf.eval.runner import eval_log, passes_from_config, run_pass, run_passes
 from pgolf.fileio import OutputError
 from pgolf.runlog import write_json_atomic, write_record
 from pgolf.runrecord import BytesRecord, RunRecord
@@ -212,7 +212,8 @@ def finish_run(cfg: RunConfig, model, hessians: dict, run_dir, env: dict, timer:
     if final:
         tokens, lut = load_val_data(cfg, val_files, tokenizer_path, val_cache)
         with FILE_AUDIT.phase("eval"):
-            run = run_passes(eval_model, tokens, lut, final, denv.rank, denv.world_size, phase=timer.phase)
+            run = run_passes(eval_model, tokens, lut, final, denv.rank, denv.world_size, phase=timer.phase,
+                             log=eval_log if denv.is_main else None)
         for name, res in run.results.items():
             metrics[f"{name}_loss"], metrics[f"{name}_bpb"] = res.val_loss, res.val_bpb
     fill_eval_scope(record, val_cache)

@@ -176,14 +176,20 @@ def compile_warmup(step_model, model, opt, loader, cfg: RunConfig, device: torch
 
 def precompile_evaluation(model, cfg: RunConfig, final_eval: bool, denv: DistEnv, timer: PhaseTimer) -> dict:
     """The evaluation's graphs compiled now (pgolf.eval.warmup), timed as phase "compile_warmup_eval": the
-    plain pass's always, the sliding and TTT passes' when the run ends with them (final_eval)."""
+    plain pass's always, the sliding and TTT passes' when the run ends with them (final_eval). The model runs
+    as the evaluation will, then is set back: training-only kernels off, depth recurrence on where the config
+    loops (training ends with the loops on, as `pgolf eval` assumes). Dynamo guards on recurrence_active: the
+    loop-less graphs of the reset model left the pre-quant pass a cold compile (49 s on an H100)."""
     from pgolf.eval.warmup import warm_configured_eval
 
     set_training_kernels(model, cfg, False)  # the graphs the evaluation will run, after training
+    looping = model.recurrence_active
+    model.set_recurrence(uses_recurrence(cfg))
     try:
         with timer.phase("compile_warmup_eval"):
             return warm_configured_eval(model, cfg, denv.rank, denv.world_size, final_eval)
     finally:
+        model.set_recurrence(looping)
         set_training_kernels(model, cfg, True)
 
 
