@@ -18,7 +18,7 @@ import torch
 
 from pgolf.errors import UserError
 from pgolf.fileio import atomic_write_bytes
-from pgolf.quant.codecs import AUTO_CODECS, codec_candidates, compress_best, compress_with, decompress_with
+from pgolf.quant.codecs import AUTO_CODECS, Compressor, codec_candidates, decompress_with
 from pgolf.quant.formats import dequantize_rows
 from pgolf.quant.grouping import ORDER_PROBE, orders_for, perm_bytes, reorder, restore
 from pgolf.quant.lqer import lqer_correction
@@ -119,16 +119,17 @@ def section_streams(qm: QuantizedModel):
     return {s: b"".join(p) for s, p in parts.items()}, table
 
 
-def section_layouts(section: str, raw: bytes, shapes=None, orders=("",)) -> dict[str, bytes]:
+def section_layouts(section: str, raw: bytes, shapes=None, orders=("",), reordered=None) -> dict[str, bytes]:
     """The byte layouts a section may be stored in: integer sections raw int8 or bit-packed, each in every
     byte order of `orders` (pgolf.quant.grouping; layout "packed6.ST" = similar rows first, column-major,
-    packed). `shapes` ((rows, cols) per tensor, in stream order) is needed for any order but ""."""
+    packed). `shapes` ((rows, cols) per tensor, in stream order) is needed for any order but "";
+    `reordered` ({order: reorder(raw, shapes, order)}) saves computing an order again."""
     if not section.startswith("q"):
         return {"fp16" if section in ("fp16", "scales") else "raw": raw}
     bits = section_bits(section)
     out = {}
     for order in orders:
-        data = reorder(raw, shapes, order)
+        data = reordered[order] if reordered and order in reordered else reorder(raw, shapes, order)
         head = perm_bytes(shapes, order) if order else 0
         suffix = f".{order}" if order else ""
         out[f"int8{suffix}"] = data
@@ -150,16 +151,19 @@ def section_shapes(table: list[dict]) -> dict[str, list[tuple[int, int]]]:
     return out
 
 
-def best_order(section: str, raw: bytes, shapes) -> str:
-    """The byte order with the fewest bytes under the cheap probe codec, on a sample of each."""
-    orders = orders_for(shapes)
-    if len(orders) == 1:
-        return orders[0]
-    sizes = {}
-    for order in orders:
-        data = reorder(raw, shapes, order)
-        sizes[order] = len(compress_with(ORDER_PROBE, sample_of(data) if len(data) > SAMPLE_ABOVE_BYTES else data))
-    return min(orders, key=sizes.__getitem__)
+def best_orders(items: list[tuple], compressor: Compressor) -> list[tuple[str, bytes]]:
+    """(order, the section's bytes in it) for each (name, raw, shapes) item: the byte order with the fewest
+    bytes under the cheap probe codec, on a sample of each (the first on a tie); "" without shapes."""
+    candidates = [{o: reorder(raw, shapes, o) for o in orders_for(shapes)} for _, raw, shapes in items]
+    probes = [(i, o) for i, c in enumerate(candidates) if len(c) > 1 for o in c]
+    blobs = compressor.compress([(ORDER_PROBE, probe_data(candidates[i][o])) for i, o in probes])
+    sizes = {key: len(b) for key, b in zip(probes, blobs, strict=True)}
+    chosen = [min(c, key=lambda o, i=i: sizes.get((i, o), 0)) for i, c in enumerate(candidates)]
+    return [(o, candidates[i][o]) for i, o in enumerate(chosen)]
+
+
+def probe_data(data: bytes) -> bytes:
+    return sample_of(data) if len(data) > SAMPLE_ABOVE_BYTES else data
 
 
 def sample_of(data: bytes) -> bytes:
@@ -168,46 +172,83 @@ def sample_of(data: bytes) -> bytes:
     return b"".join(data[i * (n - piece) // 3: i * (n - piece) // 3 + piece] for i in range(4))
 
 
-def choose_section(section: str, raw: bytes, codecs, shapes=None) -> dict:
-    """Pick the layout and method with the fewest compressed bytes; returns the section record with its blob.
+def section_options(name: str, raw: bytes, shapes, order: tuple[str, bytes], codecs, fixed=None) -> list[tuple]:
+    """(layout, data, method) for each choice of a section: every layout in the order by every codec and
+    filter, or the one (layout, method) of `fixed`."""
+    if fixed:
+        layout, method = fixed
+        return [(layout, section_layouts(name, raw, shapes, (layout_order(layout),))[layout], method)]
+    layouts = section_layouts(name, raw, shapes, (order[0],), {order[0]: order[1]})
+    return [(layout, data, f"{c}+{f}") for layout, data in layouts.items() for c in codecs
+            for f in SECTION_FILTERS[layout.partition(".")[0]]]
 
-    A role section (shapes given) first picks its byte order by a cheap probe, then searches as any other."""
-    options = []
-    orders = (best_order(section, raw, shapes),) if shapes else ("",)
-    for layout, data in section_layouts(section, raw, shapes, orders).items():
-        options += [(layout, data, f"{c}+{f}") for c in codecs for f in SECTION_FILTERS[layout.partition(".")[0]]]
-    if len(raw) > SAMPLE_ABOVE_BYTES and len(options) > 1:
-        sizes = [len(compress_with(o[2], sample_of(o[1]))) for o in options]
-        ranked = sorted(range(len(options)), key=sizes.__getitem__)
+
+def choose_sections(items: list[tuple], codecs, compressor: Compressor | None = None,
+                    plan: dict | None = None) -> list[dict]:
+    """For each (name, raw, shapes) item, the layout and method with the fewest compressed bytes: the
+    section record with its blob. `plan` ({name: (layout, method)}) fixes a section's choice.
+
+    A role section (shapes given) first picks its byte order by a cheap probe. A section over
+    SAMPLE_ABOVE_BYTES ranks its options on a sample and compresses the best (two if within SAMPLE_CLOSE) in
+    full; a smaller one compresses every option. Each of these stages runs as one batch over every section
+    (Compressor.compress), so the choice is that of a section-by-section search."""
+    comp = compressor or Compressor()
+    runnable, skipped = codec_candidates([f"{c}+none" for c in codecs])
+    codecs, plan = [m.split("+")[0] for m in runnable], plan or {}
+    search = [i for i, (name, _, _) in enumerate(items) if name not in plan]
+    if search and not codecs:
+        raise UserError(f"no compression method can run here: {skipped}")
+    orders = dict(zip(search, best_orders([items[i] for i in search], comp), strict=True))
+    options = [section_options(*item, orders.get(i), codecs, plan.get(item[0])) for i, item in enumerate(items)]
+    sampled = {i for i, (_, raw, _) in enumerate(items) if len(raw) > SAMPLE_ABOVE_BYTES and len(options[i]) > 1}
+    jobs = {(i, j): (m, d) for i, opts in enumerate(options) for j, (_, d, m) in enumerate(opts)}
+    # the samples first (the full searches they rank wait for them), the small sections in full meanwhile
+    samples = keyed_start(comp, {k: (m, sample_of(d)) for k, (m, d) in jobs.items() if k[0] in sampled}, True)
+    small = keyed_start(comp, {k: job for k, job in jobs.items() if k[0] not in sampled})
+    ranks, tried = samples(), {}
+    for i in sampled:
+        sizes = [len(ranks[(i, j)]) for j in range(len(options[i]))]
+        ranked = sorted(range(len(sizes)), key=sizes.__getitem__)
         close = sizes[ranked[1]] <= SAMPLE_CLOSE * sizes[ranked[0]]  # a runner-up within 1% is tried in full
-        options = [options[i] for i in ranked[:2 if close else 1]]
-    best = None
-    for layout, data, method in options:
-        chosen, blob = compress_best(data, [method])
-        if best is None or len(blob) < len(best["blob"]):
-            best = {"layout": layout, "method": chosen, "raw_len": len(data), "blob": blob}
-    best["values"] = len(raw)
-    return best
+        tried.update({(i, j): jobs[(i, j)] for j in ranked[:2 if close else 1]})
+    full = keyed_start(comp, tried)
+    blobs = {**small(), **full()}
+    return [best_record(raw, options[i], [(key[1], b) for key, b in blobs.items() if key[0] == i])
+            for i, (_, raw, _) in enumerate(items)]
 
 
-def encode_artifact(qm: QuantizedModel, codecs=AUTO_CODECS, plan: dict | None = None) -> tuple[bytes, list[dict]]:
-    """Serialize qm to bytes. `plan` ({section: (layout, method)}) fixes the choices instead of searching.
+def keyed_start(comp: Compressor, jobs: dict, urgent: bool = False):
+    """Queue {key: (method, data)} as one batch; returns a function that waits and gives {key: blob}."""
+    wait = comp.start(list(jobs.values()), urgent)
+    return lambda: dict(zip(jobs, wait(), strict=True))
+
+
+def best_record(raw: bytes, options: list[tuple], blobs: list[tuple[int, bytes]]) -> dict:
+    """The record of the smallest of `blobs` ((option index, blob), the first on a tie), checked to decode."""
+    j, blob = min(blobs, key=lambda b: len(b[1]))
+    layout, data, method = options[j]
+    if decompress_with(method, blob, len(data)) != bytes(data):
+        raise RuntimeError(f"compression method {method} did not round-trip; refusing to write it")
+    return {"layout": layout, "method": method, "raw_len": len(data), "blob": blob, "values": len(raw)}
+
+
+def choose_section(section: str, raw: bytes, codecs, shapes=None, compressor: Compressor | None = None) -> dict:
+    """Pick the layout and method with the fewest compressed bytes for one section (see choose_sections)."""
+    return choose_sections([(section, raw, shapes)], codecs, compressor)[0]
+
+
+def encode_artifact(qm: QuantizedModel, codecs=AUTO_CODECS, plan: dict | None = None,
+                    compressor: Compressor | None = None) -> tuple[bytes, list[dict]]:
+    """Serialize qm to bytes. `plan` ({section: (layout, method)}) fixes the choices instead of searching;
+    `compressor` (one per export) runs the compressions and keeps their results.
 
     Returns (file bytes, section records without blobs).
     """
-    runnable, _ = codec_candidates([f"{c}+none" for c in codecs])
-    codecs = [m.split("+")[0] for m in runnable]
     streams, table = section_streams(qm)
     shapes = section_shapes(table)
+    items = [(name, raw, shapes.get(name)) for name, raw in streams.items()]
     sections, offset = [], 0
-    for name, raw in streams.items():
-        if plan and name in plan:
-            layout, method = plan[name]
-            data = section_layouts(name, raw, shapes.get(name), (layout_order(layout),))[layout]
-            rec = {"layout": layout, "method": method, "raw_len": len(data), "values": len(raw),
-                   "blob": compress_with(method, data)}
-        else:
-            rec = choose_section(name, raw, codecs, shapes.get(name))
+    for (name, _, _), rec in zip(items, choose_sections(items, codecs, compressor, plan), strict=True):
         rec.update(name=name, offset=offset, length=len(rec["blob"]), crc32=zlib.crc32(rec["blob"]))
         offset += rec["length"]
         sections.append(rec)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pgolf.errors import UserError
-from pgolf.quant.artifact import SAMPLE_BYTES, choose_section, sample_of
+from pgolf.quant.artifact import SAMPLE_BYTES, choose_sections, sample_of
 from pgolf.quant.formats import quantize_rows, row_clip_sdclip, row_scales
 
 # Bisection steps on log k (the bracket k_min..K_MAX shrinks to a ratio of about 1.0002).
@@ -49,15 +49,18 @@ def rtn_counts(weights: list[torch.Tensor], bits: int, k: float, ratios=None, fl
     return total
 
 
-def section_ratio(section: str, raw: bytes, codecs) -> dict:
-    """Codec ratio of an integer section on a sample: compressed bytes / entropy bytes, and the method used."""
-    sample = sample_of(raw) if len(raw) > SAMPLE_BYTES else raw
-    rec = choose_section(section, sample, codecs)
-    counts = np.bincount(np.frombuffer(sample, dtype=np.uint8), minlength=256)
-    ideal = entropy_bytes(counts)
-    full = entropy_bytes(np.bincount(np.frombuffer(raw, dtype=np.uint8), minlength=256))
-    return {"ratio": len(rec["blob"]) / max(ideal, 1.0), "layout": rec["layout"], "method": rec["method"],
-            "entropy": full}
+def section_ratios(sections: dict[str, bytes], codecs, compressor=None) -> dict[str, dict]:
+    """Codec ratio of each integer section on a sample (compressed bytes / entropy bytes), the method used
+    and the whole section's entropy bytes; the samples' searches run as one batch (choose_sections)."""
+    samples = {name: sample_of(raw) if len(raw) > SAMPLE_BYTES else raw for name, raw in sections.items()}
+    recs = choose_sections([(name, sample, None) for name, sample in samples.items()], codecs, compressor)
+    out = {}
+    for (name, sample), rec in zip(samples.items(), recs, strict=True):
+        ideal = entropy_bytes(np.bincount(np.frombuffer(sample, dtype=np.uint8), minlength=256))
+        full = entropy_bytes(np.bincount(np.frombuffer(sections[name], dtype=np.uint8), minlength=256))
+        out[name] = {"ratio": len(rec["blob"]) / max(ideal, 1.0), "layout": rec["layout"],
+                     "method": rec["method"], "entropy": full}
+    return out
 
 
 def choose_k(weights: list[torch.Tensor], bits: int, target_bytes: float, ratio: float, k_min: float,

@@ -32,18 +32,20 @@ def similarity_order(q: np.ndarray) -> np.ndarray:
     """Greedy nearest-neighbour chain over the rows of q (R, C) in L1 distance; returns the row order.
 
     The distances are computed once (l1_distances); the chain then walks them: each step masks the rows
-    used and jumps to the closest one left (ties: the lowest index)."""
+    used in the current row's distances (one contiguous row, not a column of the whole matrix) and jumps to
+    the closest one left (ties: the lowest index)."""
     rows = q.shape[0]
     if rows <= 2:
         return np.arange(rows)
     dist = l1_distances(q)
     order = np.empty(rows, dtype=np.int64)
+    used = np.zeros(rows, dtype=bool)
     current = 0
     for i in range(rows):
         order[i] = current
-        dist[:, current] = np.inf
+        used[current] = True
         if i < rows - 1:
-            current = int(np.argmin(dist[current]))
+            current = int(np.argmin(np.where(used, np.inf, dist[current])))
     return order
 
 

@@ -12,13 +12,13 @@ from pgolf.fileio import atomic_write_bytes
 from pgolf.quant.artifact import (
     QuantizedModel,
     QuantTensor,
-    choose_section,
+    choose_sections,
     encode_artifact,
     section_bits,
     section_streams,
 )
-from pgolf.quant.codecs import AUTO_CODECS, codec_candidates
-from pgolf.quant.fit import choose_k, entropy_bytes, section_ratio, value_counts
+from pgolf.quant.codecs import AUTO_CODECS, Compressor, codec_candidates
+from pgolf.quant.fit import choose_k, entropy_bytes, section_ratios, value_counts
 from pgolf.quant.gptq import gptq_quantize_batch, rtn_quantize
 from pgolf.quant.lqer import apply_lqer
 from pgolf.quant.policy import policy_table
@@ -124,33 +124,35 @@ def section_value_counts(qm: QuantizedModel, bits: int, skip=()) -> torch.Tensor
     return total
 
 
-def fit_sections_ratio(qm: QuantizedModel, cfg, codecs) -> dict:
+def fit_sections_ratio(qm: QuantizedModel, cfg, codecs, compressor: Compressor | None = None) -> dict:
     """Codec ratio (compressed / entropy bytes) over the matrix-bits sections of qm, and each one's choice."""
     streams, _ = section_streams(qm)
     compressed, ideal, plan = 0.0, 0.0, {}
-    for name, raw in streams.items():
-        if is_fit_section(name, cfg):
-            rec = section_ratio(name, raw, codecs)
-            compressed += rec["ratio"] * rec["entropy"]
-            ideal += rec["entropy"]
-            plan[name] = (rec["layout"], rec["method"])
+    fit = {name: raw for name, raw in streams.items() if is_fit_section(name, cfg)}
+    for name, rec in section_ratios(fit, codecs, compressor).items():
+        compressed += rec["ratio"] * rec["entropy"]
+        ideal += rec["entropy"]
+        plan[name] = (rec["layout"], rec["method"])
     # role sections choose their byte order on the full stream at export, so they take no plan from a sample
     return {"ratio": compressed / max(ideal, 1.0), "plan": plan if cfg.group_by == "bits" else None}
 
 
-def search_matrix_k(state: dict[str, torch.Tensor], cfg, budget: int, codecs, ratio: float | None = None) -> dict:
+def search_matrix_k(state: dict[str, torch.Tensor], cfg, budget: int, codecs, ratio: float | None = None,
+                    compressor: Compressor | None = None) -> dict:
     """The smallest SDClip k for the fitted matrices whose predicted artifact fits `budget` bytes (quant/fit.py).
 
     Everything but the matrix-bits sections is quantized (round-to-nearest), compressed and counted exactly
     (the LQER factors too); those sections are predicted as ratio × entropy, each matrix at its role's
     share of k. Unless `ratio` is given it is measured on a sample of the sections quantized at a first
-    guess of k (the entropy alone), since the ratio moves with k."""
+    guess of k (the entropy alone), since the ratio moves with k. `compressor`: the export's (its results
+    kept for the export's own sections)."""
+    compressor = compressor or Compressor()
     rtn_cfg = dataclasses.replace(cfg, method="rtn", clip="sdclip")
     rules = policy_table(state, rtn_cfg)
     qm0 = quantize_state(state, None, rtn_cfg)
     streams, table = section_streams(qm0)
-    other = sum(len(choose_section(name, raw, codecs)["blob"]) for name, raw in streams.items()
-                if not is_fit_section(name, cfg))
+    items = [(name, raw, None) for name, raw in streams.items() if not is_fit_section(name, cfg)]
+    other = sum(len(rec["blob"]) for rec in choose_sections(items, codecs, compressor))
     header = len(json.dumps(table, separators=(",", ":"))) + 200 * (len(streams) + 1)
     names = fitted_names(qm0, rules)
     matrices = [state[n].detach().float() for n in names]
@@ -163,7 +165,8 @@ def search_matrix_k(state: dict[str, torch.Tensor], cfg, budget: int, codecs, ra
     options = {"fixed_counts": fixed, "ratios": ratios, "floor": cfg.scale_floor}
     if ratio is None:
         guess = choose_k(matrices, *fit_args, 1.0, cfg.fit_k_min, **options)["k"]
-        codec = fit_sections_ratio(quantize_state(state, None, rtn_cfg, guess, with_lqer=False), cfg, codecs)
+        codec = fit_sections_ratio(quantize_state(state, None, rtn_cfg, guess, with_lqer=False), cfg, codecs,
+                                   compressor)
     else:
         codec = {"ratio": ratio, "plan": None}
     choice = choose_k(matrices, *fit_args, codec["ratio"], cfg.fit_k_min, **options)
@@ -178,13 +181,15 @@ def export_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, pat
     return {**report, "path": str(path)}
 
 
-def encode_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, code_bytes: int) -> tuple[dict, bytes]:
+def encode_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, code_bytes: int,
+                 compressor: Compressor | None = None) -> tuple[dict, bytes]:
     """(the export report, the artifact's bytes): quantize, fit to the byte budget if asked, compress.
 
     With cfg.fit_k the matrices' SDClip k is searched so that the artifact fills the budget less the margin;
     when the real size is over the budget, or under it by more than three margins, k is searched once more
     with the codec ratio measured on the real section. Pruning ±1 values (cfg.fit_to_budget) is the last
-    resort when it is still over."""
+    resort when it is still over. One Compressor (`compressor`, else a new one) runs every compression, in
+    parallel, and compresses the same bytes once."""
     if cfg.codec not in CONFIG_CODECS:
         raise UserError(f"quant.codec={cfg.codec!r} is not one of {sorted(CONFIG_CODECS)}")
     codecs = CONFIG_CODECS[cfg.codec]
@@ -192,9 +197,11 @@ def encode_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, cod
     if not runnable:
         raise UserError(f"quant.codec={cfg.codec!r} cannot run here: {list(skipped.values())}")
     budget = cfg.size_cap - int(code_bytes)
+    comp = compressor or Compressor()
     timings = {"quantize_s": 0.0, "serialize_s": 0.0, "fit_k_s": 0.0}
 
     def timed_call(key, fn, *args, **kwargs):
+        comp.stage = key
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         cuda_sync()
@@ -203,27 +210,27 @@ def encode_state(state: dict[str, torch.Tensor], hessians: dict | None, cfg, cod
 
     fit_k, plan, matrix_k = None, None, None
     if cfg.fit_k:
-        fit_k = timed_call("fit_k_s", search_matrix_k, state, cfg, budget, codecs)
+        fit_k = timed_call("fit_k_s", search_matrix_k, state, cfg, budget, codecs, compressor=comp)
         matrix_k, plan = fit_k["k"], fit_k.pop("plan")
     qm = timed_call("quantize_s", quantize_state, state, hessians, cfg, matrix_k)
-    blob, sections = timed_call("serialize_s", encode_artifact, qm, codecs, plan)
+    blob, sections = timed_call("serialize_s", encode_artifact, qm, codecs, plan, comp)
     if fit_k is not None:
         fit_k["bytes"] = len(blob)
         slack = cfg.fit_margin * cfg.size_cap
         if len(blob) > budget or budget - len(blob) > 3 * slack:  # the prediction missed: once more, measured
             measured = sum(s["length"] for s in sections if is_fit_section(s["name"], cfg))
             ratio = measured / max(entropy_bytes(section_value_counts(qm, cfg.matrix_bits)), 1.0)
-            second = timed_call("fit_k_s", search_matrix_k, state, cfg, budget, codecs, ratio)
+            second = timed_call("fit_k_s", search_matrix_k, state, cfg, budget, codecs, ratio, comp)
             second.pop("plan")
             qm = timed_call("quantize_s", quantize_state, state, hessians, cfg, second["k"])
-            blob, sections = timed_call("serialize_s", encode_artifact, qm, codecs, plan)
+            blob, sections = timed_call("serialize_s", encode_artifact, qm, codecs, plan, comp)
             fit_k = {**second, "plan": plan, "first_try": fit_k, "bytes": len(blob)}
     fit = None
     if len(blob) > budget and cfg.fit_to_budget:
         plan = {s["name"]: (s["layout"], s["method"]) for s in sections}
         try:
-            qm, fit = fit_to_budget(qm, hessians, budget, lambda m: len(encode_artifact(m, codecs, plan)[0]))
-            blob, sections = encode_artifact(qm, codecs, plan)
+            qm, fit = fit_to_budget(qm, hessians, budget, lambda m: len(encode_artifact(m, codecs, plan, comp)[0]))
+            blob, sections = encode_artifact(qm, codecs, plan, comp)
         except UserError as e:  # cannot fit: keep the artifact, the size report says it is over the cap
             fit = {"fitted": False, "reason": str(e)}
     rules = policy_table(state, cfg)
