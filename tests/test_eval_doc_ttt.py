@@ -296,7 +296,7 @@ def test_redrawn_adapters_equal_a_new_set_of_the_same_seed():
     with torch.no_grad():
         for p in lora.parameters():
             p.add_(1.0)
-    lora.redraw(5)
+    lora.reset(False, torch.Generator().manual_seed(5))
     fresh = BatchedLora(model, 2, 3, 3.0, parse_lora_targets("q,v,mlp,head"), seed=5)
     assert all(torch.equal(a, b) for a, b in zip(lora.parameters(), fresh.parameters(), strict=True))
 

@@ -100,18 +100,10 @@ class BatchedLora:
         self.model.__dict__.pop("head_projection", None)
 
     @torch.no_grad()
-    def redraw(self, seed: int) -> None:
-        """Every A drawn and every B zeroed as a new BatchedLora(..., seed) would: the same tensors in place, so
-        that a compiled step's guards on them still hold."""
-        gen = torch.Generator().manual_seed(seed)
-        for _, ad in self.adapters + ([(None, self.head)] if self.head is not None else []):
-            bound = 1.0 / math.sqrt(ad.a.size(-1))
-            ad.a.copy_((torch.rand(ad.a.shape, generator=gen) * 2 - 1) * bound)
-            ad.b.zero_()
-
-    @torch.no_grad()
     def reset(self, warm_a: bool, generator: torch.Generator) -> None:
-        """B <- 0 (each slot starts from the unadapted model); A kept when warm_a, else drawn afresh."""
+        """B <- 0 (each slot starts from the unadapted model); A kept when warm_a, else drawn afresh, in place
+        (a compiled step's guards on the tensors still hold): with a generator seeded s, as a new
+        BatchedLora(..., seed=s) draws them."""
         for _, ad in self.adapters + ([(None, self.head)] if self.head is not None else []):
             ad.b.zero_()
             if not warm_a:

@@ -287,7 +287,7 @@ def run_queue(st: DocTttState, queue: list[list[int]], docs, points: dict, rank:
                     global_sgd_phase(st, [docs[j] for j in scored[:n_docs]], rank, world_size)
                 phases_run += 1
             lora.active = True
-            lora.redraw(phases_run)
+            lora.reset(False, torch.Generator().manual_seed(phases_run))
     lora.detach()
     return phases_run
 
@@ -358,12 +358,10 @@ def evaluate_doc_ttt(model, val_tokens: torch.Tensor, lut, cfg, seq_len: int, ra
         p.requires_grad_(False)
     device = model_device(work)
     per_token = PerTokenScores(tokens.numel()) if return_per_token else None
+    score_fn, compiled = doc_step_scorer(work, cfg, scorer or "eager")
     st = DocTttState(work, tokens.to(device), stream_byte_cumsum(tokens, lut), cfg, seq_len, BpbAccumulator(device),
                      per_token, torch.full((tokens.numel(),), -1, dtype=torch.int64) if per_token else None, inspect,
-                     None)
-    st.score_fn, compiled = doc_step_scorer(work, cfg, scorer or "eager")
-    if compiled is not None:
-        st.compiled_fn = lambda *args: compiled("any", *args)
+                     score_fn, (lambda *args: compiled("any", *args)) if compiled is not None else None)
     if cfg.ttt_time_limit_s > 0:
         st.deadline = t0 + cfg.ttt_time_limit_s
     mine = [b for i, b in enumerate(queue) if i % world_size == rank]

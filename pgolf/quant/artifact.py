@@ -18,7 +18,7 @@ import torch
 
 from pgolf.errors import UserError
 from pgolf.fileio import atomic_write_bytes
-from pgolf.quant.codecs import AUTO_CODECS, Compressor, codec_candidates, decompress_with
+from pgolf.quant.codecs import AUTO_CODECS, Compressor, check_round_trip, codec_candidates, decompress_with
 from pgolf.quant.formats import dequantize_rows
 from pgolf.quant.grouping import ORDER_PROBE, orders_for, perm_bytes, reorder, restore
 from pgolf.quant.lqer import lqer_correction
@@ -227,8 +227,7 @@ def best_record(raw: bytes, options: list[tuple], blobs: list[tuple[int, bytes]]
     """The record of the smallest of `blobs` ((option index, blob), the first on a tie), checked to decode."""
     j, blob = min(blobs, key=lambda b: len(b[1]))
     layout, data, method = options[j]
-    if decompress_with(method, blob, len(data)) != bytes(data):
-        raise RuntimeError(f"compression method {method} did not round-trip; refusing to write it")
+    check_round_trip(method, blob, data)
     return {"layout": layout, "method": method, "raw_len": len(data), "blob": blob, "values": len(raw)}
 
 

@@ -203,9 +203,14 @@ def compress_best(data: bytes, candidates) -> tuple[str, bytes]:
         blob = compress_with(method, data)
         if best is None or len(blob) < len(best[1]):
             best = (method, blob)
-    if decompress_with(best[0], best[1], len(data)) != bytes(data):
-        raise RuntimeError(f"compression method {best[0]} did not round-trip; refusing to write it")
+    check_round_trip(best[0], best[1], data)
     return best
+
+
+def check_round_trip(method: str, blob: bytes, data: bytes) -> None:
+    """Refuse a blob that does not decompress to `data` (a codec bug must never reach an artifact)."""
+    if decompress_with(method, blob, len(data)) != bytes(data):
+        raise RuntimeError(f"compression method {method} did not round-trip; refusing to write it")
 
 
 # Rough seconds per MB of each codec on int8 weights (this project's CPU), to start the longest pieces first.
