@@ -4,7 +4,8 @@ Counts, with pgolf.eval.ttt_doc's own queue, phases and windows, what the pass c
 batches, chunk steps, token positions through the blocks (every stacked window is recomputed each chunk) and
 through the head (the windows' last chunk_keep positions), and the tokens of the global SGD phases. With
 --time-rows it also times one chunk step (forward through the adapters, backward, AdamW) of the recipe's model
-on this machine's device, the cut forward against the full one (the scorer "reference"). One JSON line. Usage:
+on this machine's device, the cut forward against the full one (the scorer "reference") and against the cached
+context's step (eval.ttt_doc_context=cache: the chunk alone, a KV cache of the window's rest). One JSON line. Usage:
     python benchmarks/doc_ttt_work.py --data /tmp/caseops --recipe frontier [--set eval.ttt_doc_chunk=96] \
         [--time-rows 4 --time-width 2048 --repeats 3]
 """
@@ -33,12 +34,15 @@ from pgolf.eval.ttt_doc import (
     phase_points,
     prefix_doc_count,
 )
+from pgolf.model.kv_cache import KVCache
 from pgolf.recipes import recipe_config
 from pgolf.train.loop import build_model, set_training_kernels
 
 
 def pass_work(tokens: torch.Tensor, e, seq_len: int) -> dict:
-    """What the pass computes on this stream, chunk by chunk, as pgolf.eval.ttt_doc runs it."""
+    """What the pass computes on this stream, chunk by chunk, as pgolf.eval.ttt_doc runs it (with
+    eval.ttt_doc_context=cache: each chunk's own positions through the blocks, the earlier ones' keys cached)."""
+    cached = e.ttt_doc_context == "cache"
     docs = find_documents(tokens)
     queue = doc_batches(docs, e.ttt_doc_batch)
     st = DocTttState(None, tokens, None, e, seq_len, None, None, None, None, None)
@@ -47,12 +51,12 @@ def pass_work(tokens: torch.Tensor, e, seq_len: int) -> dict:
     for batch in queue:
         batch_docs = [docs[j] for j in batch]
         for c, active in batch_chunks(batch_docs, e.ttt_doc_chunk):
-            x, *_ = chunk_batch(st, [batch_docs[j] for j in active], c)
+            x, *_ = chunk_batch(st, [batch_docs[j] for j in active], c, cached)
             steps += 1
             for limit in few_rows:
                 few_rows[limit] += x.size(0) <= limit
             block_positions += x.numel()
-            head_positions += x.size(0) * chunk_keep(st, x.size(1))
+            head_positions += x.numel() if cached else x.size(0) * chunk_keep(st, x.size(1))
     points = phase_points(queue, prefix_doc_count(e.ttt_prefix_frac, len(docs)), e.ttt_phases)
     order = [j for b in queue for j in b]
     bounds = [n for ns in points.values() for n in ns]
@@ -92,9 +96,35 @@ def time_chunk_step(cfg, rows: int, width: int, repeats: int, device) -> dict:
             cuda_sync()
             seconds.append(time.perf_counter() - t0)
         out[f"step_s_{name}"] = round(min(seconds[1:]), 4)
+    out["step_s_cached"] = time_cached_step(model, opt, x, keep, repeats)
     lora.detach()
     out["full_over_cut"] = round(out["step_s_full"] / out["step_s_cut"], 3)
+    out["cut_over_cached"] = round(out["step_s_cut"] / out["step_s_cached"], 3)
     return out
+
+
+def time_cached_step(model, opt, x, chunk: int, repeats: int) -> float:
+    """Seconds of the same chunk step with eval.ttt_doc_context=cache: the chunk's positions alone, the
+    window's earlier ones read from a KV cache (filled once, untimed, and copied for every repeat)."""
+    width = x.size(1)
+    filled = KVCache(width)
+    if width > chunk:
+        with torch.no_grad(), eval_autocast(x.device):
+            model.forward_hidden(x[:, :width - chunk], cache=filled)
+    rows = torch.arange(x.size(0), device=x.device)
+    seconds = []
+    for _ in range(repeats + 1):
+        cache = filled.select(rows)
+        cuda_sync()
+        t0 = time.perf_counter()
+        with eval_autocast(x.device):
+            logits = model.head_logits(model.forward_hidden(x[:, width - chunk:], cache=cache))
+        logits.float().logsumexp(-1).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        cuda_sync()
+        seconds.append(time.perf_counter() - t0)
+    return round(min(seconds[1:]), 4)
 
 
 def main(argv=None) -> int:

@@ -224,6 +224,9 @@ class EvalConfig:
     ttt_global_momentum: float = 0.9
     ttt_global_chunk_tokens: int = 32_768  # tokens per global SGD step
     ttt_doc_compile: bool = False  # torch.compile the chunk step (dynamic shapes; the eager step is the reference)
+    # the context a chunk reads: window (its window of seq_len recomputed through the current adapters, the
+    # record's) | cache (the earlier chunks' keys and values as computed then, pgolf.model.kv_cache: no recompute)
+    ttt_doc_context: str = "window"
     time_budget_s: float = 600.0
 
 

@@ -41,6 +41,7 @@ FIELD_CHOICES = {
     "quant.codec": ("auto", "zlib", "lzma", "zstd", "brotli"),
     "eval.ttt_mode": ("sgd", "muon", "lora", "doc_lora"),
     "eval.ttt_freeze_scope": ("all", "vectors"),
+    "eval.ttt_doc_context": ("window", "cache"),
     "eval.compile_scope": COMPILE_SCOPES,
 }
 

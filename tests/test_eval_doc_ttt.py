@@ -254,7 +254,7 @@ def test_the_harness_fails_doc_ttt_that_rescores_a_chunk_after_adapting_on_it(mo
 
     real = ttt_doc.doc_chunk_step
 
-    def rescoring(st, lora, opt, docs, slots, c, n_chunks):  # planted: score, adapt, then score the chunk again
+    def rescoring(st, lora, opt, docs, slots, c, n_chunks, cache=None):  # planted: score, adapt, score again
         real(st, lora, opt, docs, slots, c, n_chunks)
         real(st, lora, opt, docs, slots, c, [0] * len(n_chunks))
 

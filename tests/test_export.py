@@ -151,7 +151,7 @@ def test_every_conditional_module_can_be_left_out():
     source, info = amalgamate(cfg)
     conditional = {row.name for row in SCRIPT_MODULES if row.when is not None}
     assert conditional <= set(info["left_out"]) and not conditional & set(info["modules"])
-    full = apply_overrides(get_recipe("frontier"), ["eval.precompile=true"])
+    full = apply_overrides(get_recipe("frontier"), ["eval.precompile=true", "eval.ttt_doc_context=cache"])
     assert conditional <= set(amalgamate(full)[1]["modules"])
     assert len(source) < len(amalgamate(full)[0])
 
@@ -261,7 +261,8 @@ def test_generated_script_parses_and_imports_only_allowed_packages(tiny_script):
     doc_lora = "cfg.eval.ttt and cfg.eval.ttt_mode == 'doc_lora'"
     assert info["left_out"] == {"pgolf.export.amalgamate": "never", "pgolf.eval.doc_lora": doc_lora,
                                 "pgolf.eval.ttt_doc": doc_lora, "pgolf.model.doc_attention":
-                                    "cfg.train.doc_mask or cfg.eval.doc_isolated or cfg.eval.ttt_mode == 'doc_lora'"}
+                                    "cfg.train.doc_mask or cfg.eval.doc_isolated or cfg.eval.ttt_mode == 'doc_lora'",
+                                "pgolf.model.kv_cache": doc_lora + " and cfg.eval.ttt_doc_context == 'cache'"}
     assert source.rstrip().endswith("sys.exit(script_main(Hyperparameters, __file__))")
     wrapped = wrap_compressed(source)
     assert len(wrapped) < len(source) and wrapped.count("\n") == 2

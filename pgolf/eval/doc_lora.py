@@ -14,6 +14,7 @@ O and MLP adapters parallel to the whole attention / MLP; a looped layer shares 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pgolf.config_rules import EVAL_LORA_TARGETS
@@ -113,16 +114,23 @@ class BatchedLora:
 
 class LoraRowModel(nn.Module):
     """The adapted model as the document in one slot sees it: model(x, y, reduction) on any batch, every row
-    through slot `row`'s adapters (the legality probes rescore one scored position this way)."""
+    through slot `row`'s adapters (the legality probes rescore one scored position this way); with `cache`
+    (a one-row pgolf.model.kv_cache.KVCache, left unchanged) every row continues that row's context."""
 
-    def __init__(self, lora: BatchedLora, row: int):
+    def __init__(self, lora: BatchedLora, row: int, cache=None):
         super().__init__()
-        self.inner, self.lora, self.row = lora.model, lora, row
+        self.inner, self.lora, self.row, self.cache = lora.model, lora, row, cache
 
     def forward(self, input_ids, target_ids=None, reduction: str = "mean"):
         saved = self.lora.rows
         self.lora.rows = torch.tensor([self.row], device=saved.device)
         try:
-            return self.inner(input_ids, target_ids, reduction=reduction)
+            if self.cache is None:
+                return self.inner(input_ids, target_ids, reduction=reduction)
+            cache = self.cache.select(torch.zeros(input_ids.size(0), dtype=torch.long, device=input_ids.device))
+            logits = self.inner.head_logits(self.inner.forward_hidden(input_ids, cache=cache))
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target_ids.reshape(-1),
+                                  reduction=reduction)
+            return nll.view_as(target_ids) if reduction == "none" else nll
         finally:
             self.lora.rows = saved

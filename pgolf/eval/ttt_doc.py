@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from pgolf.data.loader import TRAIN_BOS_ID, batch_document_ids
 from pgolf.dist import all_reduce_max
@@ -101,12 +102,13 @@ class DocTttState:
     seconds: SecondsSplit = field(default_factory=SecondsSplit)  # "score_adapt_s", "global_s"
 
 
-def chunk_batch(st: DocTttState, docs: list[tuple[int, int]], c: int):
+def chunk_batch(st: DocTttState, docs: list[tuple[int, int]], c: int, cached: bool = False):
     """Stacked windows of chunk c of the documents (all have one): x, y (R, K), the scored mask (R, K), the
-    windows' stream start (R,) and, per document, (lo, e) in its own positions."""
+    windows' stream start (R,) and, per document, (lo, e) in its own positions. cached: the chunk's own
+    positions alone (the earlier ones are in the KV cache)."""
     chunk = st.cfg.ttt_doc_chunk
     spans = [(c * chunk, min((c + 1) * chunk, p)) for _, p in docs]
-    starts = [max(0, e - st.seq_len) for _, e in spans]
+    starts = [lo if cached else max(0, e - st.seq_len) for lo, e in spans]
     width = max(e - s for (_, e), s in zip(spans, starts, strict=True))
     device = st.tokens.device
     cols = torch.arange(width, device=device)
@@ -145,26 +147,35 @@ def record_scores(st: DocTttState, docs, spans, nll, mask, first) -> None:
         st.score_step[target] = st.step
 
 
-def inspect_chunk(st: DocTttState, lora: BatchedLora, slots, x, y, nll, mask, keep: int) -> None:
-    """The legality probe's look at one row of the chunk, its NLL placed at the row's window positions."""
+def inspect_chunk(st: DocTttState, lora: BatchedLora, slots, x, y, nll, mask, keep: int, before=None) -> None:
+    """The legality probe's look at one row of the chunk, its NLL placed at the row's window positions;
+    `before`: the KV cache as this chunk found it (the probe's forwards read that row's copy)."""
     r = st.step % x.size(0)
     full = nll.new_zeros(x.shape)
     full[:, x.size(1) - keep:] = nll
+    row_cache = before.select(torch.tensor([r], device=x.device)) if before is not None else None
     with torch.no_grad():
-        st.inspect(LoraRowModel(lora, slots[r]), x[r:r + 1], y[r:r + 1], full[r:r + 1], mask[r:r + 1])
+        st.inspect(LoraRowModel(lora, slots[r], row_cache), x[r:r + 1], y[r:r + 1], full[r:r + 1], mask[r:r + 1])
 
 
-def doc_chunk_step(st: DocTttState, lora: BatchedLora, opt, docs, slots: list[int], c: int, n_chunks) -> None:
-    """Score chunk c of the active documents, then one adapter step on those with a later chunk."""
-    x, y, mask, first, spans = chunk_batch(st, docs, c)
-    keep = chunk_keep(st, x.size(1))
+def doc_chunk_step(st: DocTttState, lora: BatchedLora, opt, docs, slots: list[int], c: int, n_chunks,
+                   cache=None) -> None:
+    """Score chunk c of the active documents, then one adapter step on those with a later chunk; with a
+    cache (eval.ttt_doc_context=cache) the chunk's positions alone, reading the earlier ones' keys and values."""
+    x, y, mask, first, spans = chunk_batch(st, docs, c, cached=cache is not None)
     adapting = time.perf_counter() < st.deadline
     train_rows = [adapting and c < n - 1 for n in n_chunks]
-    nll = chunk_nll(st, lora, slots, x, y, keep, c, any(train_rows))
+    before = cache.select(torch.arange(x.size(0), device=x.device)) if cache is not None and st.inspect else None
+    if cache is None:
+        keep = chunk_keep(st, x.size(1))
+        nll = chunk_nll(st, lora, slots, x, y, keep, c, any(train_rows))
+    else:
+        keep = x.size(1)
+        nll = cached_chunk_nll(st, lora, slots, cache, x, y, any(train_rows))
     kept_mask = mask[:, x.size(1) - keep:]
     record_scores(st, docs, spans, nll.detach(), kept_mask, first + (x.size(1) - keep))
     if st.inspect is not None:
-        inspect_chunk(st, lora, slots, x, y, nll.detach(), mask, keep)
+        inspect_chunk(st, lora, slots, x, y, nll.detach(), mask, keep, before)
     if any(train_rows):
         per_doc = torch.where(kept_mask, nll, 0.0).sum(dim=1) / st.cfg.ttt_doc_chunk
         (per_doc * torch.tensor(train_rows, device=x.device)).sum().backward()
@@ -193,15 +204,34 @@ def chunk_nll(st: DocTttState, lora: BatchedLora, slots: list[int], x, y, keep: 
     return nll[:len(slots)]
 
 
+def cached_chunk_nll(st: DocTttState, lora: BatchedLora, slots: list[int], cache, x, y, grad: bool):
+    """NLL (R, T) of the chunk's own positions through the slots' adapters, the earlier positions' keys and
+    values read from the cache (which then holds these too); eager."""
+    lora.rows = torch.tensor(slots, device=x.device)
+    with torch.set_grad_enabled(grad), eval_autocast(x.device):
+        logits = st.work.head_logits(st.work.forward_hidden(x, cache=cache))
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
+                           reduction="none").view(x.shape)
+
+
 def run_doc_batch(st: DocTttState, lora: BatchedLora, docs: list[tuple[int, int]], generator) -> None:
-    """Every chunk of one batch of documents, each in its own adapter slot, the adapters reset first."""
+    """Every chunk of one batch of documents, each in its own adapter slot, the adapters reset first; with
+    eval.ttt_doc_context=cache one KV cache of the batch, cut to the documents still active."""
     cfg = st.cfg
     lora.reset(cfg.ttt_warm_a, generator)
     opt = torch.optim.AdamW(lora.parameters(), lr=cfg.ttt_lr, betas=(0.0, cfg.ttt_adam_beta2), eps=1e-10,
                             weight_decay=cfg.ttt_weight_decay)
     n_chunks = [math.ceil(p / cfg.ttt_doc_chunk) for _, p in docs]
+    cache, rows = None, []
+    if cfg.ttt_doc_context == "cache":  # imported here: the exported script carries the module only then
+        from pgolf.model.kv_cache import KVCache
+
+        cache, rows = KVCache(st.seq_len), list(range(len(docs)))
     for c, active in batch_chunks(docs, cfg.ttt_doc_chunk):
-        doc_chunk_step(st, lora, opt, [docs[j] for j in active], active, c, [n_chunks[j] for j in active])
+        if cache is not None and active != rows:
+            cache = cache.select(torch.tensor([rows.index(j) for j in active], device=st.tokens.device))
+            rows = active
+        doc_chunk_step(st, lora, opt, [docs[j] for j in active], active, c, [n_chunks[j] for j in active], cache)
 
 
 def batch_chunks(docs: list[tuple[int, int]], chunk: int):
@@ -332,7 +362,8 @@ def doc_step_scorer(model, cfg, scorer: str):
     from pgolf.eval.scoring import StaticShapeCompile, compile_min_count
 
     fn = full_tail_nll if check_scorer(scorer) == "reference" else scoring_function(model)
-    if not cfg.ttt_doc_compile or scorer == "reference" or compile_min_count(scorer, model_device(model), 1) is None:
+    if (not cfg.ttt_doc_compile or cfg.ttt_doc_context == "cache" or scorer == "reference"
+            or compile_min_count(scorer, model_device(model), 1) is None):
         return fn, None
     return fn, StaticShapeCompile(fn, ["any"], "document-TTT step", cfg.compile_scope, dynamic=True)
 

@@ -69,6 +69,8 @@ SCRIPT_MODULES = (
     ScriptModule("pgolf.quant.policy"),
     ScriptModule("pgolf.quant.formats"),
     ScriptModule("pgolf.model.layers"),
+    ScriptModule("pgolf.model.kv_cache",
+                 all_of("eval.ttt", ("eval.ttt_mode", "doc_lora"), ("eval.ttt_doc_context", "cache"))),
     ScriptModule("pgolf.model.fused_qk"),
     ScriptModule("pgolf.model.doc_attention",
                  any_of("train.doc_mask", "eval.doc_isolated", ("eval.ttt_mode", "doc_lora"))),

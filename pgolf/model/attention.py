@@ -137,10 +137,12 @@ class CausalSelfAttention(nn.Module):
         return sdpa_attention(q, k, v, self.sdpa_backends, self.native_gqa)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ve: torch.Tensor | None = None, keep: int | None = None, doc_mask=None) -> torch.Tensor:
+                ve: torch.Tensor | None = None, keep: int | None = None, doc_mask=None, cache=None) -> torch.Tensor:
         """(B, T, D) -> (B, T, D); with `keep`, the output of the last `keep` positions only (B, keep, D):
         their queries read the keys and values of every position. doc_mask (pgolf.model.doc_attention's
-        doc_attention_mask, train.doc_mask): each token reads only its own document's earlier tokens."""
+        doc_attention_mask, train.doc_mask): each token reads only its own document's earlier tokens.
+        cache (pgolf.model.kv_cache.LayerKV): x holds new positions only; their queries also read the cached
+        keys and values of the earlier ones (cos and sin are the new positions' rows)."""
         b, t, _ = x.shape
         tq = t if keep is None else keep
         q = self.c_q(x[:, t - tq:]).view(b, tq, self.num_heads, self.head_dim)
@@ -151,6 +153,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
         q = qk_prep(q, cos[t - tq:], sin[t - tq:], self.q_gain, self.fused_qk).to(v.dtype)
         k = qk_prep(k, cos, sin, None, self.fused_qk).to(v.dtype)
+        v_own = v[:, t - tq:]
+        if cache is not None:
+            k, v = cache.extend(k, v)
         if doc_mask is None:
             y = self.attend(q, k, v)
         else:  # imported here: the exported script carries the module only with train.doc_mask
@@ -158,7 +163,7 @@ class CausalSelfAttention(nn.Module):
 
             y = doc_masked_attention(q, k, v, doc_mask)
         if self.xsa:
-            y = xsa_project_out(y, v[:, t - tq:])
+            y = xsa_project_out(y, v_own)
         if self.attn_gate_w is not None:
             y = self.gate_heads(y, x[:, t - tq:])
         return self.proj(y.reshape(b, tq, -1))

@@ -86,17 +86,18 @@ class Block(nn.Module):
         return (n.float() * self.ln_factor.float()).to(n.dtype)
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ve: torch.Tensor | None = None, keep: int | None = None, doc_mask=None) -> torch.Tensor:
+                ve: torch.Tensor | None = None, keep: int | None = None, doc_mask=None, cache=None) -> torch.Tensor:
         """(B, T, D) -> (B, T, D); with `keep`, the output of the last `keep` positions only (B, keep, D): the
         attention's keys and values come from every position, everything else runs on those alone.
-        doc_mask: the document mask of GPT.forward_hidden's doc_ids, for the attention.
+        doc_mask: the document mask of GPT.forward_hidden's doc_ids, for the attention; cache: this virtual
+        layer's pgolf.model.kv_cache.LayerKV (x holds new positions only).
         A lane block (model.parallel_lanes_from) takes and returns the pair of lanes instead (forward_lanes)."""
         if self.lanes:
-            return self.forward_lanes(x, x0, cos, sin, ve, keep, doc_mask)
+            return self.forward_lanes(x, x0, cos, sin, ve, keep, doc_mask, cache)
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         n = self.normed(x)
-        attn_out = self.attn(n, cos, sin, ve, keep, doc_mask)
+        attn_out = self.attn(n, cos, sin, ve, keep, doc_mask, cache)
         if keep is not None:
             x, n = x[:, -keep:], n[:, -keep:]
         if self.parallel:
@@ -105,13 +106,13 @@ class Block(nn.Module):
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self.normed(x))
 
     def forward_lanes(self, lanes: tuple, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      ve: torch.Tensor | None = None, keep: int | None = None, doc_mask=None) -> tuple:
+                      ve: torch.Tensor | None = None, keep: int | None = None, doc_mask=None, cache=None) -> tuple:
         """The two-lane block: a = attention(norm(mix(lane0, x0))), m = MLP(norm(lane1)), independent of
         each other; lane k <- lane_resid[k] * lane k + lane_post[0, k] * a + lane_post[1, k] * m. resid_mix
         shapes the attention's read only; lane 0 itself is not replaced by the mix."""
         lane0, lane1 = lanes
         mix = self.resid_mix.to(lane0.dtype)
-        attn_out = self.attn(self.normed(mix[0] * lane0 + mix[1] * x0), cos, sin, ve, keep, doc_mask)
+        attn_out = self.attn(self.normed(mix[0] * lane0 + mix[1] * x0), cos, sin, ve, keep, doc_mask, cache)
         if keep is not None:
             lane0, lane1 = lane0[:, -keep:], lane1[:, -keep:]
         a = self.attn_scale.to(lane0.dtype) * attn_out
@@ -314,10 +315,13 @@ class GPT(nn.Module):
         return x
 
     def run_blocks(self, x: torch.Tensor, input_ids: torch.Tensor, keep: int | None = None,
-                   doc_mask=None) -> torch.Tensor:
-        """The blocks in their virtual order; `keep` (forward_hidden) goes to the last one, doc_mask to all."""
+                   doc_mask=None, cache=None) -> torch.Tensor:
+        """The blocks in their virtual order; `keep` (forward_hidden) goes to the last one, doc_mask to all,
+        each virtual layer's part of `cache` (a pgolf.model.kv_cache.KVCache) to its block."""
         x0 = x
-        cos, sin = self.rotary.cos_sin(input_ids.size(1), input_ids.device)
+        offset = 0 if cache is None else cache.offset
+        cos, sin = self.rotary.cos_sin(offset + input_ids.size(1), input_ids.device)
+        cos, sin = cos[offset:], sin[offset:]
         ve = self.value_embed(input_ids) if self.value_embed is not None else None
         order = virtual_layer_order(self.cfg, self.recurrence_active)
         num_encoder = len(order) // 2 if self.skip_weights is not None else 0
@@ -332,7 +336,9 @@ class GPT(nn.Module):
             if ve is not None and layer >= self.ve_first_layer:
                 layer_ve = ve * self.ve_layer_scales[layer - self.ve_first_layer].to(ve.dtype)
             block_keep = keep if position == len(order) - 1 else None
-            if self.block_call is None:
+            if cache is not None:
+                x = block(x, x0, cos, sin, layer_ve, block_keep, doc_mask, cache.layer(position))
+            elif self.block_call is None:
                 x = block(x, x0, cos, sin, layer_ve, block_keep, doc_mask)
             else:
                 x = self.block_call(block, x, x0, cos, sin, layer_ve, block_keep, doc_mask)
@@ -356,7 +362,7 @@ class GPT(nn.Module):
         return self.head_logits(self.forward_hidden(input_ids, doc_ids=doc_ids))
 
     def forward_hidden(self, input_ids: torch.Tensor, keep: int | None = None,
-                       doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                       doc_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """The last block's output (B, T, D), before final_norm: with head_logits, `logits` split in two so
         that a scorer can apply the head to only the positions it scores (pgolf.eval.scoring).
 
@@ -367,9 +373,15 @@ class GPT(nn.Module):
 
         doc_ids (train.doc_mask): (B, T) document ids, non-decreasing along each row
         (pgolf.data.loader.batch_document_ids); each token's attention then reads only earlier tokens of its
-        own document. The mask is built here, once for all blocks (pgolf.model.doc_attention)."""
+        own document. The mask is built here, once for all blocks (pgolf.model.doc_attention).
+
+        cache (pgolf.model.kv_cache.KVCache): input_ids are the next tokens of the rows the cache has read;
+        their positions read the cached ones too, and the cache then holds these as well (in the eager
+        blocks: not with keep, doc_ids or routed blocks)."""
         if keep is not None and keep < 1:
             raise ValueError(f"forward_hidden: keep={keep} must be at least 1")
+        if cache is not None:
+            return self.forward_cached(input_ids, cache, keep, doc_ids)
         keep = None if keep is None or keep >= input_ids.size(1) else keep
         doc_mask = None
         if doc_ids is not None:
@@ -383,6 +395,20 @@ class GPT(nn.Module):
 
             doc_mask = doc_attention_mask(doc_ids)
         return self.run_blocks(self.embed_inputs(input_ids), input_ids, keep, doc_mask)
+
+    def forward_cached(self, input_ids: torch.Tensor, cache, keep, doc_ids) -> torch.Tensor:
+        """forward_hidden through a KV cache: the embedding runs on the cache's last tokens and the new ones,
+        then drops the former, so that the features reading earlier tokens see them (kv_cache.CONTEXT_IDS)."""
+        if keep is not None or doc_ids is not None or self.block_call is not None:
+            raise ValueError("forward_hidden: a cache goes without keep, doc_ids and routed blocks")
+        if cache.last_ids is None:
+            x = self.embed_inputs(input_ids)
+        else:
+            context = cache.last_ids.size(1)
+            x = self.embed_inputs(torch.cat((cache.last_ids, input_ids), dim=1))[:, context:]
+        hidden = self.run_blocks(x, input_ids, cache=cache)
+        cache.advance(input_ids)
+        return hidden
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits (..., V) after the softcap of hidden states from forward_hidden; position-wise."""
