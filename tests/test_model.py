@@ -378,13 +378,31 @@ def test_qat_forward_is_fake_quantized_with_straight_through_gradient():
     lin = CastedLinear(32, 8)
     x = torch.randn(5, 32)
     plain = lin(x)
-    lin.qat_on.fill_(1.0)
+    assert torch.equal(plain, F.linear(x, lin.weight))
+    lin.configure_qat(True)
     out = lin(x)
     assert torch.equal(out, F.linear(x, fake_quantize_rows(lin.weight.detach(), 6, 12.85)))
     assert not torch.equal(out, plain)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     torch.testing.assert_close(lin.weight.grad, grad_out.t() @ x)
+
+
+def test_an_eager_forward_without_qat_skips_the_fake_quantization(monkeypatch):
+    """QAT off, an eager CastedLinear uses its weight as it is (the value the compiled graph's torch.where
+    picks) without computing the fake-quantized one; on, it computes it each call."""
+    import pgolf.model.layers as layers
+
+    calls = []
+    real = layers.fake_quantize_rows
+    monkeypatch.setattr(layers, "fake_quantize_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lin, x = CastedLinear(16, 8), torch.randn(3, 16)
+    assert torch.equal(lin(x), F.linear(x, lin.weight)) and calls == []
+    lin.configure_qat(True)
+    lin(x)
+    lin.configure_qat(False)
+    lin(x)
+    assert calls == [1]
 
 
 def test_toggling_qat_does_not_recompile():

@@ -28,6 +28,7 @@ class CastedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.qat_bits = qat_bits
         self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+        self.qat_enabled = False  # qat_on's value, readable without a device sync (eager forwards skip fake quant)
         self.register_buffer("qat_clip_k", torch.tensor(float(qat_clip_k)), persistent=False)
         self.fp8 = False
         self.qat_scale_floor = "tiny"  # quant.scale_floor, set with the rest by pgolf.train.qat
@@ -36,14 +37,21 @@ class CastedLinear(nn.Linear):
     def configure_qat(self, on: bool, bits: int | None = None, clip_k: float | None = None) -> None:
         """Switch fake quantization on or off in place (no recompile); set bits / clip_k when given."""
         self.qat_on.fill_(1.0 if on else 0.0)
+        self.qat_enabled = bool(on)
         if bits is not None:
             self.qat_bits = int(bits)
         if clip_k is not None:
             self.qat_clip_k.fill_(float(clip_k))
 
     def effective_weight(self) -> torch.Tensor:
-        """The weight the forward pass uses: plain, or fake-quantized with a straight-through gradient."""
+        """The weight the forward pass uses: plain, or fake-quantized with a straight-through gradient.
+
+        A compiled forward computes both and picks by the qat_on buffer (switching QAT compiles nothing); an
+        eager one with QAT off returns the weight at once, the same value without the fake quantization's
+        dozen kernels a call (scoring and document TTT run eagerly, a matrix per call)."""
         w = self.weight
+        if not torch.compiler.is_compiling() and not self.qat_enabled:  # compiling: no guard on the flag
+            return w
         fake = fake_quantize_rows(w.detach(), self.qat_bits, self.qat_clip_k, self.qat_scale_floor)
         # fake + (w - w.detach()) equals `fake` exactly in value and has d/dw = identity.
         ste = fake + (w - w.detach())
