@@ -24,7 +24,7 @@ from pgolf.data.loader import load_val_tokens
 from pgolf.dist import cuda_sync
 from pgolf.eval.doc_lora import BatchedLora, parse_lora_targets
 from pgolf.eval.documents import find_documents
-from pgolf.eval.scoring import eval_autocast, full_tail_nll, scoring_function
+from pgolf.eval.scoring import cached_nll, eval_autocast, full_tail_nll, scoring_function
 from pgolf.eval.ttt_doc import (
     DocTttState,
     batch_chunks,
@@ -82,28 +82,35 @@ def time_chunk_step(cfg, rows: int, width: int, repeats: int, device) -> dict:
     x = torch.randint(2, cfg.model.vocab_size, (rows, width), generator=gen).to(device)
     y = torch.roll(x, -1, dims=1)
     keep = min(e.ttt_doc_chunk, width)
-    out = {}
-    for name, fn in (("cut", scoring_function(model)), ("full", full_tail_nll)):
-        seconds = []
-        for _ in range(repeats + 1):
-            cuda_sync()
-            t0 = time.perf_counter()
-            with eval_autocast(x.device):
-                nll = fn(model, x, y, keep).float()
-            nll.sum().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            cuda_sync()
-            seconds.append(time.perf_counter() - t0)
-        out[f"step_s_{name}"] = round(min(seconds[1:]), 4)
-    out["step_s_cached"] = time_cached_step(model, opt, x, keep, repeats)
+    out = {f"step_s_{name}": adapter_step_seconds(lambda _, fn=fn: fn(model, x, y, keep).sum(), opt, repeats)
+           for name, fn in (("cut", scoring_function(model)), ("full", full_tail_nll))}
+    out["step_s_cached"] = time_cached_step(model, opt, x, y, keep, repeats)
     lora.detach()
     out["full_over_cut"] = round(out["step_s_full"] / out["step_s_cut"], 3)
     out["cut_over_cached"] = round(out["step_s_cut"] / out["step_s_cached"], 3)
     return out
 
 
-def time_cached_step(model, opt, x, chunk: int, repeats: int) -> float:
+def adapter_step_seconds(loss_fn, opt, repeats: int, prepare=lambda: None) -> float:
+    """The fastest of `repeats` timed adapter steps (loss_fn(prepare()) under the eval autocast, backward,
+    AdamW) after one untimed warm-up; prepare() runs outside the timing, the GPU synchronised around it."""
+    device = opt.param_groups[0]["params"][0].device
+    seconds = []
+    for _ in range(repeats + 1):
+        state = prepare()
+        cuda_sync()
+        t0 = time.perf_counter()
+        with eval_autocast(device):
+            loss = loss_fn(state).float()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        cuda_sync()
+        seconds.append(time.perf_counter() - t0)
+    return round(min(seconds[1:]), 4)
+
+
+def time_cached_step(model, opt, x, y, chunk: int, repeats: int) -> float:
     """Seconds of the same chunk step with eval.ttt_doc_context=cache: the chunk's positions alone, the
     window's earlier ones read from a KV cache (filled once, untimed, and copied for every repeat)."""
     width = x.size(1)
@@ -112,19 +119,9 @@ def time_cached_step(model, opt, x, chunk: int, repeats: int) -> float:
         with torch.no_grad(), eval_autocast(x.device):
             model.forward_hidden(x[:, :width - chunk], cache=filled)
     rows = torch.arange(x.size(0), device=x.device)
-    seconds = []
-    for _ in range(repeats + 1):
-        cache = filled.select(rows)
-        cuda_sync()
-        t0 = time.perf_counter()
-        with eval_autocast(x.device):
-            logits = model.head_logits(model.forward_hidden(x[:, width - chunk:], cache=cache))
-        logits.float().logsumexp(-1).sum().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        cuda_sync()
-        seconds.append(time.perf_counter() - t0)
-    return round(min(seconds[1:]), 4)
+    tail = (x[:, width - chunk:], y[:, width - chunk:])
+    return adapter_step_seconds(lambda cache: cached_nll(model, *tail, cache).sum(), opt, repeats,
+                                lambda: filled.select(rows))
 
 
 def main(argv=None) -> int:

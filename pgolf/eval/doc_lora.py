@@ -14,11 +14,11 @@ O and MLP adapters parallel to the whole attention / MLP; a looped layer shares 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pgolf.config_rules import EVAL_LORA_TARGETS
 from pgolf.errors import UserError
+from pgolf.eval.scoring import cached_nll
 
 MODULE_TARGETS = {"attn.c_q": "q", "attn.c_k": "k", "attn.c_v": "v", "attn.proj": "o", "mlp.fc": "mlp",
                   "mlp.proj": "mlp"}
@@ -128,9 +128,7 @@ class LoraRowModel(nn.Module):
             if self.cache is None:
                 return self.inner(input_ids, target_ids, reduction=reduction)
             cache = self.cache.select(torch.zeros(input_ids.size(0), dtype=torch.long, device=input_ids.device))
-            logits = self.inner.head_logits(self.inner.forward_hidden(input_ids, cache=cache))
-            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target_ids.reshape(-1),
-                                  reduction=reduction)
-            return nll.view_as(target_ids) if reduction == "none" else nll
+            nll = cached_nll(self.inner, input_ids, target_ids, cache)
+            return nll if reduction == "none" else nll.mean()
         finally:
             self.lora.rows = saved

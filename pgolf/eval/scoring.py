@@ -172,6 +172,13 @@ def split_tail_nll(model, x: torch.Tensor, y: torch.Tensor, keep: int) -> torch.
     return nll.view(x.size(0), keep).float()
 
 
+def cached_nll(model, x: torch.Tensor, y: torch.Tensor, cache) -> torch.Tensor:
+    """NLL (B, T) float32 of every position of x, rows that continue those a pgolf.model.kv_cache.KVCache has
+    read (the cache then holds these too): document TTT's cached context."""
+    logits = model.head_logits(model.forward_hidden(x, cache=cache))
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(x.shape)
+
+
 def full_tail_nll(model, x: torch.Tensor, y: torch.Tensor, keep: int) -> torch.Tensor:
     """The same through the model contract's forward (every position), cut to the last `keep`."""
     return model(x, y, reduction="none")[:, x.size(1) - keep:].float()

@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from pgolf.data.loader import TRAIN_BOS_ID, batch_document_ids
 from pgolf.dist import all_reduce_max
@@ -48,7 +47,14 @@ from pgolf.eval.bpb import (
 from pgolf.eval.doc_lora import BatchedLora, LoraRowModel, parse_lora_targets
 from pgolf.eval.documents import find_documents
 from pgolf.eval.receipts import SecondsSplit
-from pgolf.eval.scoring import check_scorer, eval_autocast, full_tail_nll, model_device, scoring_function
+from pgolf.eval.scoring import (
+    cached_nll,
+    check_scorer,
+    eval_autocast,
+    full_tail_nll,
+    model_device,
+    scoring_function,
+)
 
 
 def doc_batches(docs: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -209,9 +215,7 @@ def cached_chunk_nll(st: DocTttState, lora: BatchedLora, slots: list[int], cache
     values read from the cache (which then holds these too); eager."""
     lora.rows = torch.tensor(slots, device=x.device)
     with torch.set_grad_enabled(grad), eval_autocast(x.device):
-        logits = st.work.head_logits(st.work.forward_hidden(x, cache=cache))
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
-                           reduction="none").view(x.shape)
+        return cached_nll(st.work, x, y, cache)
 
 
 def run_doc_batch(st: DocTttState, lora: BatchedLora, docs: list[tuple[int, int]], generator) -> None:
